@@ -1,0 +1,98 @@
+"""CrossEntropyDecomposition: a torchmetrics Metric accumulating the decomposition's per-rank state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ce_dynamics.functional import (
+    accumulate_state,
+    decomposition_from_state,
+    token_ranks_and_log_scores,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+_STATES = ("rank_counts", "rank_log_score_sum")
+
+
+class CrossEntropyDecomposition(Metric):
+    """Exact split of token-level cross-entropy into Error-Entropy, Self-Alignment and Confidence.
+
+    ``cross_entropy = error_entropy + self_alignment - confidence`` (Yan et al., ICLR 2026, eq. 8). The state is
+    two vectors of length ``vocab_size``, summed across batches and processes: ``rank_counts`` (int64, tokens
+    whose right token had rank ``e``) and ``rank_log_score_sum`` (float64, their summed log-scores). They stay
+    int64/float64 when the owning module is cast to bf16/fp16.
+
+    Args:
+        vocab_size: width ``V`` of the logits (the full output width, padding columns included).
+        ignore_index: target value whose positions are skipped.
+        kwargs: forwarded to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> metric = CrossEntropyDecomposition(vocab_size=5)
+        >>> metric.update(torch.tensor([[2.0, 1.0, 0.0, 0.0, 0.0]]), torch.tensor([0]))
+        >>> round(float(metric.compute()["accuracy"]), 3)
+        1.0
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    rank_counts: Tensor
+    rank_log_score_sum: Tensor
+
+    def __init__(self, vocab_size: int, ignore_index: int = -100, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
+        self.vocab_size = vocab_size
+        self.ignore_index = ignore_index
+        self.add_state("rank_counts", default=torch.zeros(vocab_size, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(
+            "rank_log_score_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add a batch: ``logits`` ``[..., V]`` float, ``target`` ``[...]`` integer, already aligned."""
+        if isinstance(logits, Tensor) and logits.dim() >= 1 and logits.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
+            )
+        ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index)
+        if ranks.numel() == 0:
+            return
+        counts, sums = accumulate_state(ranks.to(self.rank_counts.device), log_scores.to(self.rank_counts.device), self.vocab_size)
+        self.rank_counts += counts
+        self.rank_log_score_sum += sums
+
+    def compute(self) -> dict[str, Tensor]:
+        """The decomposition of everything accumulated (NaNs, with a warning, before any token)."""
+        return decomposition_from_state(self.rank_counts, self.rank_log_score_sum)
+
+    def plot(self, ax: Axes | None = None, title: str | None = None) -> Figure:  # type: ignore[override]
+        """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6)."""
+        from ce_dynamics.plotting import plot_p_e_q_e
+
+        result = self.compute()
+        return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title)
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
+        # A parent's `.to(torch.bfloat16)` (Lightning's "bf16-true") would cast the float64 state: follow the
+        # device only, keep the dtypes.
+        this = super()._apply(fn, exclude_state=tuple(exclude_state) + _STATES)
+        device = fn(torch.zeros(1, device=self.rank_counts.device)).device
+        for name in _STATES:
+            setattr(this, name, getattr(this, name).to(device))
+            this._defaults[name] = this._defaults[name].to(device)
+        return this
