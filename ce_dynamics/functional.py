@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -33,6 +35,7 @@ KEYS = (
 # accelerator, large chunks amortise kernel launches.
 _CPU_CHUNK_ELEMENTS = 2**19
 _ACCEL_CHUNK_ELEMENTS = 2**26
+_POOL: ThreadPoolExecutor | None = None
 
 
 def _check_inputs(logits: Tensor, target: Tensor) -> None:
@@ -59,6 +62,27 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
 
 def _position(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)) if len(shape) else ()
+
+
+def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: int) -> None:
+    """Split ``[0, num)`` into contiguous blocks, one per worker thread, each running single-threaded ops.
+
+    Small chunk ops are cheap but many; with ATen's intra-op pool every one of them is a fork-join across
+    cores, which costs more than the op itself as soon as another process competes for the cores. Whole blocks
+    per thread need no joins until the end (torch ops release the GIL).
+    """
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ce_dynamics")
+    bounds = [num * i // workers for i in range(workers + 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(run_block, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for future in futures:
+            future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
@@ -101,8 +125,7 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
         def take(idx: Tensor) -> Tensor:
             return rows.index_select(0, idx)
 
-        def take_range(start: int, stop: int) -> Tensor:
-            return rows[start:stop]
+        take_range = None if num != flat_target.numel() else lambda start, stop: rows[start:stop]
     except RuntimeError:  # e.g. logits[:, :-1] of a [B, T, V] output: gather each chunk's rows instead
 
         def take(idx: Tensor) -> Tensor:
@@ -111,32 +134,37 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
         take_range = None
 
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    chunk_elements = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _ACCEL_CHUNK_ELEMENTS
-    chunk_rows = max(1, chunk_elements // vocab_size)
-    work = torch.empty(min(chunk_rows, num), vocab_size, dtype=compute_dtype, device=device)
-    greater = torch.empty(min(chunk_rows, num), vocab_size, dtype=torch.bool, device=device)
     ranks = torch.empty(num, dtype=torch.int64, device=device)
     log_scores = torch.empty(num, dtype=compute_dtype, device=device)
-    all_valid = num == flat_target.numel()
+    on_cpu = device.type == "cpu"
+    chunk_rows = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _ACCEL_CHUNK_ELEMENTS) // vocab_size)
 
-    for start in range(0, num, chunk_rows):
-        stop = min(start + chunk_rows, num)
-        n = stop - start
-        chunk = take_range(start, stop) if (all_valid and take_range is not None) else take(index[start:stop])
-        w, g = work[:n], greater[:n]
-        if chunk.dtype == compute_dtype:
-            z_t = chunk.gather(1, tokens[start:stop, None])
-            torch.gt(chunk, z_t, out=g)
-            row_max = chunk.amax(1, keepdim=True)
-            torch.sub(chunk, row_max, out=w)
-        else:  # fp16/bf16: upcast the chunk once (exact), then work in float32
-            w.copy_(chunk)
-            z_t = w.gather(1, tokens[start:stop, None])
-            torch.gt(w, z_t, out=g)
-            row_max = w.amax(1, keepdim=True)
-            w.sub_(row_max)
-        torch.sum(g, dim=1, out=ranks[start:stop])
-        log_scores[start:stop] = (z_t - row_max).squeeze(1) - w.exp_().sum(1).log_()
+    def run_block(lo: int, hi: int) -> None:
+        work = torch.empty(min(chunk_rows, hi - lo), vocab_size, dtype=compute_dtype, device=device)
+        greater = torch.empty(work.shape, dtype=torch.bool, device=device)
+        for start in range(lo, hi, chunk_rows):
+            stop = min(start + chunk_rows, hi)
+            chunk = take_range(start, stop) if take_range is not None else take(index[start:stop])
+            w, g = work[: stop - start], greater[: stop - start]
+            if chunk.dtype == compute_dtype:
+                z_t = chunk.gather(1, tokens[start:stop, None])
+                torch.gt(chunk, z_t, out=g)
+                row_max = chunk.amax(1, keepdim=True)
+                torch.sub(chunk, row_max, out=w)
+            else:  # fp16/bf16: upcast the chunk once (exact), then work in float32
+                w.copy_(chunk)
+                z_t = w.gather(1, tokens[start:stop, None])
+                torch.gt(w, z_t, out=g)
+                row_max = w.amax(1, keepdim=True)
+                w.sub_(row_max)
+            torch.sum(g, dim=1, out=ranks[start:stop])
+            log_scores[start:stop] = (z_t - row_max).squeeze(1) - w.exp_().sum(1).log_()
+
+    workers = min(torch.get_num_threads(), -(-num // chunk_rows)) if on_cpu else 1
+    if workers <= 1:
+        run_block(0, num)
+    else:
+        _run_in_threads(run_block, num, workers)
 
     finite = torch.isfinite(log_scores)
     if not bool(finite.all()):

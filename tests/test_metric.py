@@ -1,0 +1,258 @@
+"""CrossEntropyDecomposition: accumulation, bad input, dtype casts, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ce_dynamics import CrossEntropyDecomposition
+from ce_dynamics.functional import KEYS, cross_entropy_decomposition
+
+VOCAB = 23
+
+
+def _data(seed: int, tokens: int = 40, vocab: int = VOCAB, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(tokens, vocab, generator=gen) * 2).to(dtype)
+    target = torch.randint(0, vocab, (tokens,), generator=gen)
+    return logits, target
+
+
+def _state(metric: CrossEntropyDecomposition) -> tuple[torch.Tensor, torch.Tensor]:
+    return metric.rank_counts.clone(), metric.rank_log_score_sum.clone()
+
+
+def test_accumulation_over_batches_equals_one_batch():
+    logits, target = _data(0, tokens=60)
+    metric = CrossEntropyDecomposition(VOCAB)
+    for lo, hi in [(0, 7), (7, 30), (30, 60)]:
+        metric.update(logits[lo:hi], target[lo:hi])
+    result = metric.compute()
+    expected = cross_entropy_decomposition(logits, target)
+    assert torch.equal(result["p_e"], expected["p_e"])
+    for key in KEYS:
+        assert math.isclose(float(result[key]), float(expected[key]), rel_tol=1e-12), key
+    assert int(result["num_tokens"]) == 60
+    assert result["cross_entropy"].dtype == torch.float64 and result["num_tokens"].dtype == torch.int64
+    assert result["p_e"].shape == result["q_e"].shape == (VOCAB,)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cuts=st.lists(st.integers(0, 50), max_size=6))
+def test_any_split_into_batches_gives_the_same_state(seed, cuts):
+    logits, target = _data(seed, tokens=50)
+    whole = CrossEntropyDecomposition(VOCAB)
+    whole.update(logits, target)
+    split = CrossEntropyDecomposition(VOCAB)
+    bounds = [0, *sorted(cuts), 50]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        split.update(logits[lo:hi], target[lo:hi])  # empty slices included
+    assert torch.equal(split.rank_counts, whole.rank_counts)
+    torch.testing.assert_close(split.rank_log_score_sum, whole.rank_log_score_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_returns_the_batch_value_and_accumulates():
+    a, ta = _data(1)
+    b, tb = _data(2)
+    metric = CrossEntropyDecomposition(VOCAB)
+    batch_value = metric(a, ta)
+    assert math.isclose(float(batch_value["cross_entropy"]), float(cross_entropy_decomposition(a, ta)["cross_entropy"]))
+    metric(b, tb)
+    total = cross_entropy_decomposition(torch.cat([a, b]), torch.cat([ta, tb]))
+    assert math.isclose(float(metric.compute()["cross_entropy"]), float(total["cross_entropy"]), rel_tol=1e-12)
+
+
+def test_reset_clears_state():
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(*_data(3))
+    metric.reset()
+    assert int(metric.rank_counts.sum()) == 0 and float(metric.rank_log_score_sum.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "bfloat16", "to_fp16", "double", "float"])
+def test_float64_state_survives_parent_dtype_casts(cast):
+    parent = torch.nn.Module()
+    parent.lin = torch.nn.Linear(2, 2)
+    parent.metric = CrossEntropyDecomposition(VOCAB)
+    parent.metric.update(*_data(4, dtype=torch.float64))
+    before = _state(parent.metric)
+    {
+        "to_bf16": lambda m: m.to(torch.bfloat16),
+        "to_fp16": lambda m: m.to(dtype=torch.float16),
+        "half": lambda m: m.half(),
+        "bfloat16": lambda m: m.bfloat16(),
+        "double": lambda m: m.double(),
+        "float": lambda m: m.float(),
+    }[cast](parent)
+    assert parent.metric.rank_counts.dtype == torch.int64
+    assert parent.metric.rank_log_score_sum.dtype == torch.float64
+    assert torch.equal(parent.metric.rank_log_score_sum, before[1])
+    parent.metric.reset()  # the defaults keep their dtype too
+    assert parent.metric.rank_log_score_sum.dtype == torch.float64
+    parent.metric.update(*_data(5, dtype=torch.bfloat16))
+    assert parent.metric.rank_log_score_sum.dtype == torch.float64
+
+
+def test_lightning_bf16_true_precision_keeps_float64_state():
+    from lightning.fabric.plugins.precision import HalfPrecision
+
+    module = torch.nn.Module()
+    module.metric = CrossEntropyDecomposition(VOCAB)
+    module = HalfPrecision("bf16-true").convert_module(module)
+    assert module.metric.rank_log_score_sum.dtype == torch.float64
+
+
+GOOD_LOGITS, GOOD_TARGET = _data(6, tokens=8)
+
+
+def _nan_at_valid():
+    logits = GOOD_LOGITS.clone()
+    logits[3, 5] = math.nan
+    return logits, GOOD_TARGET
+
+
+def _inf_at_valid():
+    logits = GOOD_LOGITS.clone()
+    logits[2, 0] = math.inf
+    return logits, GOOD_TARGET
+
+
+def _target_logit_minus_inf():
+    logits = GOOD_LOGITS.clone()
+    logits[1, int(GOOD_TARGET[1])] = -math.inf
+    return logits, GOOD_TARGET
+
+
+BAD_INPUTS = {
+    "int logits": (lambda: (GOOD_LOGITS.long(), GOOD_TARGET), TypeError, "floating point"),
+    "float target": (lambda: (GOOD_LOGITS, GOOD_TARGET.float()), TypeError, "integer tensor"),
+    "bool target": (lambda: (GOOD_LOGITS, GOOD_TARGET > 3), TypeError, "integer tensor"),
+    "list logits": (lambda: (GOOD_LOGITS.tolist(), GOOD_TARGET), TypeError, "torch.Tensor"),
+    "shape mismatch": (lambda: (GOOD_LOGITS, GOOD_TARGET[:5]), ValueError, r"logits \(8, 23\) and target \(5,\)"),
+    "vocab mismatch": (lambda: (GOOD_LOGITS[:, :20], GOOD_TARGET), ValueError, r"\[\.\.\., 23\].*\(8, 20\)"),
+    "target too large": (
+        lambda: (GOOD_LOGITS, torch.where(torch.arange(8) == 4, 23, GOOD_TARGET)),
+        ValueError,
+        r"\[0, 23\).*got 23 at position \(4,\)",
+    ),
+    "negative target": (
+        lambda: (GOOD_LOGITS, torch.where(torch.arange(8) == 0, -1, GOOD_TARGET)),
+        ValueError,
+        r"got -1 at position \(0,\)",
+    ),
+    "nan logits": (_nan_at_valid, ValueError, r"non-finite log-score \(nan\) at position \(3,\)"),
+    "+inf logits": (_inf_at_valid, ValueError, r"non-finite.*position \(2,\)"),
+    "-inf target logit": (_target_logit_minus_inf, ValueError, r"non-finite log-score \(-inf\) at position \(1,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_clearly_and_leaves_state_untouched(case):
+    make, error, message = BAD_INPUTS[case]
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(*_data(7))
+    before = _state(metric)
+    with pytest.raises(error, match=message):
+        metric.update(*make())
+    after = _state(metric)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_bad_values_at_ignored_positions_are_fine():
+    logits, target = _nan_at_valid()
+    target = target.clone()
+    target[3] = -100
+    target[5] = -100
+    logits[5] = math.inf
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(logits, target)
+    assert int(metric.compute()["num_tokens"]) == 6
+
+
+@pytest.mark.parametrize("vocab_size", [0, -3, 2.5, "50", True, None])
+def test_vocab_size_must_be_a_positive_int(vocab_size):
+    with pytest.raises(ValueError, match="positive int"):
+        CrossEntropyDecomposition(vocab_size)
+
+
+def test_all_ignored_batch_is_a_no_op():
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(*_data(8))
+    before = _state(metric)
+    metric.update(GOOD_LOGITS, torch.full((8,), -100))
+    assert torch.equal(before[0], metric.rank_counts) and torch.equal(before[1], metric.rank_log_score_sum)
+
+
+def test_compute_before_any_token_warns_and_returns_nan():
+    metric = CrossEntropyDecomposition(VOCAB)
+    with pytest.warns(UserWarning, match="No tokens"):
+        result = metric.compute()
+    assert all(math.isnan(float(result[key])) for key in KEYS)
+    assert int(result["num_tokens"]) == 0
+
+
+def test_plot_is_a_log_log_figure_of_p_and_q():
+    from matplotlib.figure import Figure
+
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(*_data(9, tokens=400))
+    fig = metric.plot(title="test")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert any("p_e" in label for label in labels) and any("q_e" in label for label in labels)
+    p_line = ax.get_lines()[0]
+    assert len(p_line.get_xdata()) == int((metric.rank_counts > 0).sum())
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metric = CrossEntropyDecomposition(VOCAB)
+        for logits, target in shards[rank]:
+            metric.update(logits, target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = metric.compute()
+        if rank == 0:
+            torch.save({k: v for k, v in result.items()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path):
+    logits, target = _data(10, tokens=70)
+    target[::9] = -100
+    # Rank 0 gets 1 batch of 50 tokens, rank 1 one batch of 20: uneven shards, one update each.
+    shards = [[(logits[:50], target[:50])], [(logits[50:], target[50:])]]
+    out = tmp_path / "ddp.pt"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, str(out)), nprocs=2, join=True, start_method="spawn")
+    ddp = torch.load(out)
+    single = CrossEntropyDecomposition(VOCAB)
+    for shard in shards:
+        for batch in shard:
+            single.update(*batch)
+    expected = single.compute()
+    for key in (*KEYS, "num_tokens", "p_e", "q_e"):
+        assert torch.equal(ddp[key], expected[key]), key
