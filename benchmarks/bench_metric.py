@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,8 +36,22 @@ def _inputs(tokens: int, vocab: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return logits, target
 
 
+def _reset_peak_rss() -> None:
+    try:  # Linux >= 4.0: "5" resets this address space's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM belongs to this address space (fresh after exec). getrusage's ru_maxrss would not do: Linux carries
+    # the parent's peak across fork + exec, and the parent holds gigabytes of logits.
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the memory benchmark needs Linux")
 
 
 def _memory_case(tokens: int, vocab: int, dtype_name: str, which: str) -> None:
@@ -47,6 +60,7 @@ def _memory_case(tokens: int, vocab: int, dtype_name: str, which: str) -> None:
     metric = CrossEntropyDecomposition(vocab)
     metric.update(logits[:64], target[:64])  # worker threads and allocator warmed up, as in a running job
     F.cross_entropy(logits[:64], target[:64])
+    _reset_peak_rss()
     before = _peak_rss_bytes()
     if which == "update":
         metric.update(logits, target)

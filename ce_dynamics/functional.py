@@ -75,10 +75,16 @@ def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: in
     if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ce_dynamics")
     bounds = [num * i // workers for i in range(workers + 1)]
+    inference = torch.is_inference_mode_enabled()  # thread-local: Lightning's validate runs under it
+
+    def run_in_callers_mode(lo: int, hi: int) -> None:
+        with torch.inference_mode(inference):
+            run_block(lo, hi)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        futures = [_POOL.submit(run_block, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        futures = [_POOL.submit(run_in_callers_mode, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         for future in futures:
             future.result()
     finally:
@@ -101,6 +107,7 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
             ``ignore_index``, or a non-finite log-score (NaN or +inf logits) at a non-ignored position.
     """
     _check_inputs(logits, target)
+    logits = logits.detach()  # ranks and scores are not differentiable; `out=` ops refuse autograd inputs
     vocab_size = logits.shape[-1]
     lead_shape = target.shape
     device = logits.device
@@ -139,26 +146,26 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
     on_cpu = device.type == "cpu"
     chunk_rows = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _ACCEL_CHUNK_ELEMENTS) // vocab_size)
 
+    # Comparisons land as 0.0/1.0 in a float buffer: its row sum is several times faster than a bool sum, and
+    # exact (float64 accumulation past 2**24 columns).
+    count_dtype = torch.float64 if vocab_size >= 2**24 else None
+    upcast = logits.dtype != compute_dtype
+
     def run_block(lo: int, hi: int) -> None:
-        work = torch.empty(min(chunk_rows, hi - lo), vocab_size, dtype=compute_dtype, device=device)
-        greater = torch.empty(work.shape, dtype=torch.bool, device=device)
+        shape = (min(chunk_rows, hi - lo), vocab_size)
+        work = torch.empty(shape, dtype=compute_dtype, device=device)
+        wide = torch.empty(shape, dtype=compute_dtype, device=device) if upcast else None
         for start in range(lo, hi, chunk_rows):
             stop = min(start + chunk_rows, hi)
             chunk = take_range(start, stop) if take_range is not None else take(index[start:stop])
-            w, g = work[: stop - start], greater[: stop - start]
-            if chunk.dtype == compute_dtype:
-                z_t = chunk.gather(1, tokens[start:stop, None])
-                torch.gt(chunk, z_t, out=g)
-                row_max = chunk.amax(1, keepdim=True)
-                torch.sub(chunk, row_max, out=w)
-            else:  # fp16/bf16: upcast the chunk once (exact), then work in float32
-                w.copy_(chunk)
-                z_t = w.gather(1, tokens[start:stop, None])
-                torch.gt(w, z_t, out=g)
-                row_max = w.amax(1, keepdim=True)
-                w.sub_(row_max)
-            torch.sum(g, dim=1, out=ranks[start:stop])
-            log_scores[start:stop] = (z_t - row_max).squeeze(1) - w.exp_().sum(1).log_()
+            w = work[: stop - start]
+            if wide is not None:  # fp16/bf16: upcast the chunk once (exact), then work in float32
+                chunk = wide[: stop - start].copy_(chunk)
+            target_column = tokens[start:stop, None]
+            torch.gt(chunk, chunk.gather(1, target_column), out=w)
+            ranks[start:stop] = w.sum(1, dtype=count_dtype)
+            torch.log_softmax(chunk, 1, out=w)  # one fused pass: max, sum of exp, z - logsumexp(z)
+            log_scores[start:stop] = w.gather(1, target_column).squeeze(1)
 
     workers = min(torch.get_num_threads(), -(-num // chunk_rows)) if on_cpu else 1
     if workers <= 1:

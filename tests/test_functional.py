@@ -191,6 +191,19 @@ def test_worker_threads_and_a_single_thread_agree(monkeypatch, dtype):
     torch.testing.assert_close(serial[1], threaded[1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["grad", "inference"])
+def test_logits_that_require_grad_or_come_from_inference_mode(mode, monkeypatch):
+    monkeypatch.setattr(functional, "_CPU_CHUNK_ELEMENTS", 61)  # many chunks: the worker-thread path
+    logits, target = _batch(seed=12)
+    expected = cross_entropy_decomposition(logits, target)
+    if mode == "grad":
+        result = cross_entropy_decomposition(logits.clone().requires_grad_(True), target)
+    else:
+        with torch.inference_mode():
+            result = cross_entropy_decomposition(logits.clone(), target)
+    assert float(result["cross_entropy"]) == float(expected["cross_entropy"])
+
+
 def test_log_scores_are_computed_in_float32_for_half_inputs():
     # Every column equal: logsumexp must not overflow/lose precision in fp16 (50k * exp(0) > fp16 max).
     logits = torch.zeros(2, 70000, dtype=torch.float16)
