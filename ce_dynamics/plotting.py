@@ -46,31 +46,113 @@ def bucket_sums(values_per_rank: Any, edges: np.ndarray) -> np.ndarray:
     return np.add.reduceat(values, edges[:-1])
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _power_of_ten(value: float, _position: int) -> str:
+    exponent = round(float(np.log10(value))) if value > 0 else 0
+    return "1" if exponent == 0 else "10" + str(exponent).translate(_SUPERSCRIPT)
+
+
+def _checked_pair(p_e: Any, q_e: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(p_e, dtype=np.float64)
+    q = np.asarray(q_e, dtype=np.float64)
+    if p.shape != q.shape or p.ndim != 1:
+        raise ValueError(f"Expected `p_e` and `q_e` of the same shape [V], got {p.shape} and {q.shape}.")
+    return p, q
+
+
+def _new_figure() -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
+
+    # A bare Figure (no pyplot state, nothing to close) with fixed margins: automatic layouts redraw.
+    fig = Figure(figsize=(5.0, 3.6), dpi=100)
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.14, top=0.9)
+    return fig, fig.subplots()
+
+
+def _draw_p_e_q_e(ax: Axes, p: np.ndarray, q: np.ndarray) -> list:
+    """The two curves and the axes' styling; returns the curves."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    seen = np.flatnonzero(p > 0)
+    lines = [
+        ax.plot(seen + 1, p[seen], "o-", ms=2.5, lw=0.8, alpha=0.85, label="p_e (rank distribution)")[0],
+        ax.plot(seen + 1, q[seen], "s-", ms=2.5, lw=0.8, alpha=0.85, label="q_e (normalized score)")[0],
+    ]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # No minor ticks and plain-text labels: log axes' dozens of minor-tick artists and mathtext labels cost more
+    # than the rest of the figure, and the callback draws it at every validation.
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, numticks=7))
+        axis.set_minor_locator(NullLocator())
+        axis.set_major_formatter(FuncFormatter(_power_of_ten))
+    ax.set_xlabel("rank-based error e + 1")
+    ax.set_ylabel("probability")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    return lines
+
+
 def plot_p_e_q_e(p_e: Any, q_e: Any, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Log-log plot of the rank distribution ``p_e`` and the score distribution ``q_e`` against rank.
 
     Only ranks that occurred (``p_e > 0``) are drawn; the x axis is ``e + 1`` so rank 0 sits at 1.
     """
-    import matplotlib.pyplot as plt
-
-    p = np.asarray(p_e, dtype=np.float64)
-    q = np.asarray(q_e, dtype=np.float64)
-    if p.shape != q.shape or p.ndim != 1:
-        raise ValueError(f"Expected `p_e` and `q_e` of the same shape [V], got {p.shape} and {q.shape}.")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
-    else:
-        fig = ax.figure
-    seen = np.flatnonzero(p > 0)
-    x = seen + 1
-    ax.plot(x, p[seen], "o-", ms=2.5, lw=0.8, alpha=0.85, label="$p_e$ (rank distribution)")
-    ax.plot(x, q[seen], "s-", ms=2.5, lw=0.8, alpha=0.85, label="$q_e$ (normalized score)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("rank-based error $e$ + 1")
-    ax.set_ylabel("probability")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+    p, q = _checked_pair(p_e, q_e)
+    fig, ax = _new_figure() if ax is None else (ax.figure, ax)
+    _draw_p_e_q_e(ax, p, q)
     if title:
         ax.set_title(title)
     return fig
+
+
+class PEQERenderer:
+    """Renders :func:`plot_p_e_q_e` images repeatedly, fast: for the callback, at every validation.
+
+    Axis limits snap to powers of ten, so the axes, ticks, labels and legend rarely change: they are drawn once
+    into a cached background, and each call only draws the two curves and the title over it (blitting).
+    """
+
+    def __init__(self) -> None:
+        self._limits: tuple | None = None
+
+    def render(self, p_e: Any, q_e: Any, title: str = "") -> np.ndarray:
+        """An ``[H, W, 3]`` uint8 image of ``p_e`` and ``q_e``."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        p, q = _checked_pair(p_e, q_e)
+        seen = np.flatnonzero(p > 0)
+        low = min(p[seen].min(), q[seen].min()) if len(seen) else 1e-3
+        limits = (10 ** np.ceil(np.log10(max(len(p), 10))), 10 ** np.floor(np.log10(low)))
+        if self._limits is not None and limits[0] == self._limits[0]:
+            limits = (limits[0], min(limits[1], self._limits[1]))  # only ever extend: no flip-flopping redraws
+        if limits != self._limits:
+            self._fig, self._ax = _new_figure()
+            self._lines = _draw_p_e_q_e(self._ax, p, q)
+            self._ax.set_xlim(0.8, limits[0] * 1.25)
+            self._ax.set_ylim(limits[1] / 1.25, 1.25)
+            self._title = self._ax.set_title(" ")
+            for artist in (*self._lines, self._title):
+                artist.set_animated(True)
+            self._canvas = FigureCanvasAgg(self._fig)
+            self._canvas.draw()
+            self._background = self._canvas.copy_from_bbox(self._fig.bbox)
+            self._limits = limits
+        self._canvas.restore_region(self._background)
+        for line, values in zip(self._lines, (p, q)):
+            line.set_data(seen + 1, values[seen])
+            self._ax.draw_artist(line)
+        self._title.set_text(title)
+        self._fig.draw_artist(self._title)
+        return np.array(self._canvas.buffer_rgba())[..., :3]
+
+
+def figure_to_rgb(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``[H, W, 3]`` uint8 array (Agg), e.g. for ``wandb.Image``, without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]

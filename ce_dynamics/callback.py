@@ -1,0 +1,184 @@
+"""CEDecompositionCallback: the cross-entropy decomposition of every validation, logged and saved.
+
+Contract with the LightningModule: `validation_step` returns a mapping with `"logits"` ([..., V]) and
+`"labels"` ([...], `ignore_index` skipped), aligned (the label at t is the token predicted from logits at t).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from ce_dynamics.functional import KEYS, decomposition_from_state
+from ce_dynamics.metric import CrossEntropyDecomposition
+
+
+class CEDecompositionCallback(Callback):
+    """One `CrossEntropyDecomposition` per validation dataloader; at the end of each validation logs
+    `decomp/<dataset>/<key>` to every logger (plus p_e/q_e histograms and a p_e-vs-q_e image to W&B) and saves
+    the raw state to `output_dir/arrays/<dataset>/step_<N>.npz`.
+
+    Args:
+        output_dir: where `arrays/` goes; None -> `trainer.default_root_dir`.
+        dataset_names: one name per val dataloader; None -> `trainer.datamodule.eval_names`, else `val_<idx>`.
+        ignore_index: label value to skip.
+        log_histograms: with a `WandbLogger`, also log the histograms and the image.
+        max_buckets: number of log-spaced rank buckets of the histograms (W&B allows at most 512).
+        save_arrays: write the `.npz` files.
+
+    Attributes:
+        step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
+        last_results: per dataset, the floats of the last completed validation (the KEYS and `num_tokens`).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, dataset_names: Sequence[str] | None = None,
+                 ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
+                 save_arrays: bool = True) -> None:
+        if not 1 <= max_buckets <= 512:
+            raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.dataset_names = list(dataset_names) if dataset_names is not None else None
+        self.ignore_index = ignore_index
+        self.log_histograms = log_histograms
+        self.max_buckets = max_buckets
+        self.save_arrays = save_arrays
+        self._renderers: dict[str, Any] = {}  # per eval set: PEQERenderer, which caches the figure's background
+        self.step: int | None = None
+        self.last_results: dict[str, dict[str, float]] = {}
+        self._metrics: dict[int, CrossEntropyDecomposition] = {}
+        self._last_logged_step: int | None = None  # training steps already logged, kept across resume
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for metric in self._metrics.values():
+            metric.reset()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking:
+            return
+        if not isinstance(outputs, Mapping) or "logits" not in outputs or "labels" not in outputs:
+            got = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise ValueError(
+                "CEDecompositionCallback needs validation_step to return a mapping with 'logits' [..., V] and "
+                f"'labels' [...] (aligned); got {got}"
+            )
+        logits = outputs["logits"].detach()
+        metric = self._metrics.get(dataloader_idx)
+        if metric is None:
+            metric = self._new_metric(logits.shape[-1], logits.device)
+            self._metrics[dataloader_idx] = metric
+        metric.update(logits, outputs["labels"].detach())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._same_metrics_on_every_rank(trainer, pl_module)
+        names = self._names(trainer)
+        states, results = {}, {}
+        for idx in sorted(self._metrics):
+            metric = self._metrics[idx]
+            with metric.sync_context():  # a collective: every rank takes part
+                states[names[idx]] = (metric.rank_counts.clone(), metric.rank_log_score_sum.clone())
+            metric.reset()
+            results[names[idx]] = decomposition_from_state(*states[names[idx]])
+        if not results:
+            return
+        self.last_results = {
+            name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"])}
+            for name, out in results.items()
+        }
+        step = trainer.global_step if self.step is None else int(self.step)
+        if self.step is None and self._last_logged_step is not None and step <= self._last_logged_step:
+            rank_zero_info(f"CEDecompositionCallback: step {step} was already logged; not logging it again")
+            return
+        if trainer.is_global_zero:
+            self._log(trainer, results, step)
+            if self.save_arrays:
+                self._save(trainer, states, step)
+        if self.step is None:
+            self._last_logged_step = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self._last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_logged_step = state_dict.get("last_logged_step")
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _new_metric(self, vocab_size: int, device: torch.device) -> CrossEntropyDecomposition:
+        return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index).to(device)
+
+    def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A rank that saw no batch of some dataloader still has to join that metric's sync."""
+        if trainer.world_size == 1:
+            return
+        count = len(trainer.num_val_batches)
+        widths = torch.tensor([self._metrics[i].vocab_size if i in self._metrics else 0 for i in range(count)],
+                              device=pl_module.device)
+        widths = trainer.strategy.all_gather(widths).reshape(-1, count).amax(0)
+        for idx, width in enumerate(widths.tolist()):
+            if width and idx not in self._metrics:
+                self._metrics[idx] = self._new_metric(int(width), pl_module.device)
+
+    def _names(self, trainer: L.Trainer) -> dict[int, str]:
+        names = self.dataset_names or getattr(trainer.datamodule, "eval_names", None)
+        if names is None:
+            return {idx: f"val_{idx}" for idx in self._metrics}
+        missing = [idx for idx in self._metrics if idx >= len(names)]
+        if missing:
+            raise ValueError(f"{len(names)} dataset names {list(names)} for val dataloaders {sorted(self._metrics)}")
+        return {idx: names[idx] for idx in self._metrics}
+
+    def _log(self, trainer: L.Trainer, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
+        scalars = {f"decomp/{name}/{key}": float(out[key]) for name, out in results.items() for key in KEYS}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.log_histograms:
+                logger.experiment.log({**scalars, **self._wandb_media(results, step), "trainer/global_step": step})
+            else:
+                logger.log_metrics(scalars, step=step)
+
+    def _wandb_media(self, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> dict[str, Any]:
+        import wandb
+
+        from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
+
+        media: dict[str, Any] = {}
+        for name, out in results.items():
+            p_e, q_e = out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()
+            edges = rank_bucket_edges(len(p_e), self.max_buckets)
+            for key, values in (("p_e", p_e), ("q_e", q_e)):
+                media[f"decomp/{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))
+            renderer = self._renderers.setdefault(name, PEQERenderer())
+            media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
+        return media
+
+    def _save(self, trainer: L.Trainer, states: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
+        root = self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir)
+        for name, (counts, sums) in states.items():
+            _save_npz_atomic(root / "arrays" / name / f"step_{step}.npz",
+                             rank_counts=counts.cpu().numpy(), rank_log_score_sum=sums.cpu().numpy())
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
