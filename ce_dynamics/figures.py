@@ -1,0 +1,249 @@
+"""The paper's figures drawn from our own saved results and arrays (shared by the CLI and the notebooks).
+
+- fig. 3 :func:`plot_components_vs_step`: CE, EE, SA, Conf against training step (log axis)
+- fig. 4 :func:`plot_p_e_steps`: the RBE distribution p_e at several steps
+- fig. 6 :func:`plot_p_e_q_e_steps`: p_e against q_e at several steps (one panel each)
+- fig. 7 :func:`plot_scaling_law`: each component against non-embedding parameters with its power-law fit
+- fig. 8 :func:`plot_component_shares`: EE/CE, SA/CE, Conf/CE against model size
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in scripts and show
+inline in notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ce_dynamics.scaling import (
+    ALL_GROUP,
+    COMPONENTS,
+    SHORT_NAMES,
+    PowerLawFit,
+    component_shares,
+    dataset_order,
+    family_of,
+)
+
+COLORS = {
+    "cross_entropy": "black",
+    "error_entropy": "tab:blue",
+    "self_alignment": "tab:orange",
+    "confidence": "tab:green",
+}
+LONG_NAMES = {
+    "cross_entropy": "Cross-Entropy",
+    "error_entropy": "Error-Entropy",
+    "self_alignment": "Self-Alignment",
+    "confidence": "Confidence",
+}
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def plot_components_vs_step(numbers: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Figure:
+    """Fig. 3: CE, EE, SA and Conf against training step, one panel per dataset.
+
+    ``numbers`` is ``{dataset: {step: {component: value}}}`` (e.g. ``scaling.decompose_arrays``). The step
+    axis is symmetric-log so that step 0 (the untrained model) stays on it.
+    """
+    datasets = list(numbers)
+    fig = Figure(figsize=(4.6 * len(datasets), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        steps = sorted(numbers[dataset])
+        for comp in COMPONENTS:
+            values = [float(numbers[dataset][s][comp]) for s in steps]
+            ax.plot(steps, values, marker="o", ms=3, color=COLORS[comp],
+                    label=f"{LONG_NAMES[comp]} ({SHORT_NAMES[comp]})")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("training step (log scale)")
+        ax.set_ylabel("nats per token")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def plot_p_e_steps(p_e_by_step: Mapping[int, np.ndarray], ax=None, title: str | None = None, max_buckets: int = 64):
+    """Fig. 4: the RBE distribution p_e against rank (e + 1) for several steps, log-log.
+
+    Beyond the first ranks p_e is averaged over log-spaced rank buckets (``plotting.rank_bucket_edges``) so
+    the sparse tail reads as a curve; each point is the mean probability of one rank in its bucket.
+    """
+    from ce_dynamics.plotting import bucket_sums, rank_bucket_edges
+
+    fig, ax = _figure_and_axes(ax, (5.0, 3.8))
+    cmap = _step_colors(len(p_e_by_step))
+    for color, (step, p_e) in zip(cmap, sorted(p_e_by_step.items())):
+        p_e = np.asarray(p_e, dtype=np.float64)
+        edges = rank_bucket_edges(p_e.size, max_buckets=max_buckets)
+        mean = bucket_sums(p_e, edges) / np.diff(edges)
+        centre = np.sqrt((edges[:-1] + 1.0) * edges[1:])  # geometric centre of ranks e+1 in the bucket
+        keep = mean > 0
+        ax.plot(centre[keep], mean[keep], marker="o", ms=2.5, lw=1.2, color=color, label=f"step {step}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rank of the ground-truth token (RBE + 1)")
+    ax.set_ylabel("$p_e$ (fraction of tokens)")
+    ax.set_title(title or "RBE distribution $p_e$ during training")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_p_e_q_e_steps(numbers: Mapping[int, Mapping[str, np.ndarray]], steps: Sequence[int] | None = None) -> Figure:
+    """Fig. 6: p_e against q_e at several steps of one dataset, one panel per step (core's fig. 6 plot).
+
+    ``numbers`` is ``{step: {"p_e", "q_e", ...}}`` for one dataset; ``steps`` picks which (default: all).
+    """
+    from ce_dynamics.plotting import plot_p_e_q_e
+
+    steps = sorted(numbers) if steps is None else list(steps)
+    missing = [s for s in steps if s not in numbers]
+    if missing:
+        raise KeyError(f"no arrays for step(s) {missing}; available: {sorted(numbers)}")
+    fig = Figure(figsize=(4.2 * len(steps), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(steps), squeeze=False)[0]
+    for ax, step in zip(axes, steps):
+        plot_p_e_q_e(np.asarray(numbers[step]["p_e"]), np.asarray(numbers[step]["q_e"]), ax=ax, title=f"step {step}")
+    return fig
+
+
+def plot_scaling_law(
+    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]] | None = None
+) -> Figure:
+    """Fig. 7: every component against non-embedding parameters (log-log), one row per dataset.
+
+    Points are coloured by model family; the dashed line is the power-law fit of the widest group in
+    ``fits`` ("All" when there are several families), labelled with its exponent and R^2. Values are drawn
+    as ``|M|`` as they are fitted; a panel whose values are all negative says so in its axis label.
+    """
+    datasets = dataset_order(rows)
+    families = sorted({family_of(r) for r in rows})
+    fig = Figure(figsize=(14.0, 3.1 * len(datasets) + 0.6), layout="constrained")
+    axes = fig.subplots(len(datasets), len(COMPONENTS), squeeze=False)
+    for i, dataset in enumerate(datasets):
+        subset = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["non_embedding_params"])
+        fit_group = _widest_group(fits, dataset)
+        for j, comp in enumerate(COMPONENTS):
+            ax = axes[i][j]
+            for k, family in enumerate(families):
+                pts = [r for r in subset if family_of(r) == family]
+                if pts:
+                    ax.scatter([r["non_embedding_params"] for r in pts], [abs(r[comp]) for r in pts],
+                               marker=_MARKERS[k % len(_MARKERS)], s=28, color=f"C{k}", label=family, zorder=3)
+            if fit_group is not None:
+                fit = fits[fit_group][dataset][comp]
+                x = np.geomspace(subset[0]["non_embedding_params"], subset[-1]["non_embedding_params"], 50)
+                ax.plot(x, fit.predict(x), "--", color=COLORS[comp], lw=1.5,
+                        label=f"fit {fit_group}: $\\alpha$={fit.alpha:.3f}, $R^2$={fit.r2:.3f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+            negative = all(r[comp] < 0 for r in subset)
+            ax.set_ylabel(("$-$" if negative else "") + f"{SHORT_NAMES[comp]} (nats)")
+            ax.set_xlabel("non-embedding parameters")
+            ax.set_title(f"{LONG_NAMES[comp]} - {dataset}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    return fig
+
+
+def plot_component_shares(rows: Sequence[Mapping]) -> Figure:
+    """Fig. 8: EE/CE, SA/CE and Conf/CE (in %) against model size, one panel per dataset.
+
+    Shares are :func:`ce_dynamics.scaling.component_shares`: since CE = EE + SA - Conf they satisfy
+    EE% + SA% - Conf% = 100%.
+    """
+    datasets = dataset_order(rows)
+    families = sorted({family_of(r) for r in rows})
+    fig = Figure(figsize=(4.8 * len(datasets), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        for k, family in enumerate(families):
+            subset = sorted((r for r in rows if r["dataset"] == dataset and family_of(r) == family),
+                            key=lambda r: r["non_embedding_params"])
+            if not subset:
+                continue
+            x = [r["non_embedding_params"] for r in subset]
+            shares = [component_shares(r) for r in subset]
+            for comp in COMPONENTS[1:]:
+                ax.plot(x, [100.0 * s[comp] for s in shares], marker=_MARKERS[k % len(_MARKERS)], ms=5,
+                        color=COLORS[comp], label=f"{SHORT_NAMES[comp]} / CE" if k == 0 else None)
+        if len(families) > 1:  # markers tell families apart; colours tell components apart
+            for k, family in enumerate(families):
+                ax.plot([], [], _MARKERS[k % len(_MARKERS)], color="grey", label=family)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        ax.set_ylabel("share of cross-entropy (%)")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def save_scaling_figures(
+    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]], out_dir: str | Path
+) -> list[Path]:
+    """Write ``scaling_law.png`` (fig. 7) and ``component_shares.png`` (fig. 8) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in (("scaling_law.png", plot_scaling_law(rows, fits)),
+                      ("component_shares.png", plot_component_shares(rows))):
+        written.append(save_figure(fig, out_dir / name))
+    return written
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 130) -> Path:
+    """Save a figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _widest_group(fits, dataset: str) -> str | None:
+    if not fits:
+        return None
+    candidates = [g for g, per in fits.items() if dataset in per]
+    if ALL_GROUP in candidates:
+        return ALL_GROUP
+    return max(candidates, key=lambda g: fits[g][dataset]["cross_entropy"].num_points, default=None)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Label a log y axis that spans about a decade or less with plain numbers (2, 3, 0.5), not 2x10^0."""
+    from matplotlib.ticker import FuncFormatter
+
+    low, high = ax.get_ylim()
+    if high / low < 15:
+        fmt = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
+
+
+def _figure_and_axes(ax, size: tuple[float, float]):
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _step_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](v) for v in np.linspace(0.0, 0.9, max(n, 1))]

@@ -1,0 +1,350 @@
+"""Replay: walk released checkpoint revisions (or a run's own checkpoints) through the same callback.
+
+For every (model, revision) the model and its tokenizer are loaded with
+`from_pretrained(hub_id, revision="stepN")`, the experiment's eval sets are evaluated with `trainer.validate`
+and `CEDecompositionCallback` logging at step N, and one row per eval set is appended to
+`output_dir/results.jsonl`. Everything else of a model lives in `output_dir/<model slug>/` (W&B run, CSV
+log, `arrays/<dataset>/step_<N>.npz`); one W&B run per model, resumed on a rerun.
+
+A rerun skips the (model, revision, dataset) rows already in the results file, so an interrupted walk only
+does the missing work and logs no W&B step twice. A checkpoint that cannot be loaded is reported (hub id,
+revision, cache location, reason); the walk goes on and the exit code is 1 at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ce_dynamics.functional import KEYS
+
+__all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
+
+log = logging.getLogger(__name__)
+
+RESULT_FIELDS = ("model", "revision", "step", "dataset", "num_tokens", "non_embedding_params", *KEYS)
+_PRECISION = {"float32": "32-true", "bfloat16": "bf16-true"}
+
+
+# ------------------------------------------------------------------------------------------ results file
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a `results.jsonl` (one JSON object per line); [] when the file does not exist yet."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg}); expected one result row per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def append_result_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append `rows` to a JSON-lines file atomically: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    for row in rows:
+        missing = [k for k in RESULT_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"result row is missing {missing}; every row needs {list(RESULT_FIELDS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    new = "".join(json.dumps(dict(row)) + "\n" for row in rows).encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(old + new)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def append_result_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+    """Append one row atomically (see `append_result_rows`)."""
+    append_result_rows(path, [row])
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One thing to evaluate: a hub revision (`path` None) or a Lightning checkpoint file."""
+
+    model: str  # hub id, or the checkpoint directory
+    revision: str  # "stepN"
+    step: int
+    path: Path | None = None
+
+
+def _hub_revisions(revisions: Iterable[Any]) -> list[tuple[str, int]]:
+    out = []
+    for rev in revisions:
+        if isinstance(rev, int) and not isinstance(rev, bool) and rev >= 0:
+            out.append((f"step{rev}", rev))
+        elif isinstance(rev, str) and re.fullmatch(r"step\d+", rev):
+            out.append((rev, int(rev[4:])))
+        else:
+            raise ValueError(f"replay.revisions entries must be training steps (0, 16, ...) or 'stepN'; got {rev!r}")
+    return out
+
+
+def _lightning_checkpoints(directory: str | os.PathLike) -> list[Checkpoint]:
+    """The `*.ckpt` files under `directory`, one per global step (a named file beats `last*.ckpt`)."""
+    import torch
+
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"replay.checkpoints must be a directory of Lightning .ckpt files; {root} is not a directory")
+    by_step: dict[int, Path] = {}
+    for path in sorted(root.rglob("*.ckpt"), key=lambda p: (p.name.startswith("last"), str(p))):
+        try:
+            meta = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types for a bad file
+            raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        step = int(meta.get("global_step", -1)) if isinstance(meta, dict) else -1
+        if step < 0:
+            raise ValueError(f"{path} has no global_step; is it a Lightning checkpoint?")
+        by_step.setdefault(step, path)
+    if not by_step:
+        raise ValueError(f"no *.ckpt files under {root}")
+    model = str(root.resolve())
+    return [Checkpoint(model, f"step{s}", s, by_step[s]) for s in sorted(by_step)]
+
+
+def plan(cfg: DictConfig) -> list[Checkpoint]:
+    """What the walk evaluates, in order: models x revisions, or the checkpoints of `replay.checkpoints`."""
+    if cfg.replay.checkpoints:
+        return _lightning_checkpoints(cfg.replay.checkpoints)
+    models = list(cfg.replay.models) or ([cfg.model.hub_id] if cfg.model.hub_id else [])
+    if not models:
+        raise ValueError("nothing to replay: set replay.models=[ORG/NAME,...], model.hub_id, or replay.checkpoints=DIR")
+    revisions = _hub_revisions(cfg.replay.revisions)
+    if not revisions:
+        raise ValueError("replay.revisions is empty; give training steps, e.g. replay.revisions=[0,1000]")
+    return [Checkpoint(str(m), rev, step) for m in models for rev, step in revisions]
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model: `EleutherAI/pythia-160m` -> `EleutherAI--pythia-160m`."""
+    if Path(model).is_absolute():  # a checkpoint directory: its last parts plus a short hash of the path
+        tail = "--".join(Path(model).parts[-3:])
+        return "ckpt--" + re.sub(r"[^A-Za-z0-9._-]+", "-", tail) + "--" + hashlib.sha1(model.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "--"))
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def _where(ckpt: Checkpoint) -> str:
+    """What was looked for, and where, for a failure report."""
+    if ckpt.path is not None:
+        return f"checkpoint {ckpt.path} (step {ckpt.step})"
+    import huggingface_hub.constants as hf
+
+    refs = Path(hf.HF_HUB_CACHE) / ("models--" + ckpt.model.replace("/", "--")) / "refs"
+    cached = sorted(p.name for p in refs.iterdir()) if refs.is_dir() else []
+    return (f"hub id {ckpt.model!r}, revision {ckpt.revision!r}, cache {hf.HF_HUB_CACHE} "
+            f"({'offline' if hf.HF_HUB_OFFLINE else 'online'}; cached refs: {', '.join(cached) or 'none'})")
+
+
+def _load(cfg: DictConfig, ckpt: Checkpoint) -> tuple[Any, Any]:
+    """(tokenizer, CausalLMModule in `replay.dtype`) for one checkpoint."""
+    import torch
+
+    from ce_dynamics.module import DTYPES, CausalLMModule
+    from ce_dynamics.training import build_module, build_tokenizer
+
+    if ckpt.path is None:
+        tokenizer = build_tokenizer(cfg, hub_id=ckpt.model, revision=ckpt.revision)
+        module = build_module(cfg, hub_id=ckpt.model, revision=ckpt.revision, dtype=cfg.replay.dtype)
+    else:
+        tokenizer = build_tokenizer(cfg)
+        state = torch.load(ckpt.path, map_location="cpu", weights_only=False)
+        module = CausalLMModule(**state["hyper_parameters"])
+        module.load_state_dict(state["state_dict"])
+        module = module.to(DTYPES[cfg.replay.dtype])
+        del state
+    width = module.model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > width:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {width} logits")
+    return tokenizer, module
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- walk
+
+
+@dataclass(frozen=True)
+class Failure:
+    checkpoint: Checkpoint
+    what: str  # "load" or "evaluate"
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.checkpoint.model} {self.checkpoint.revision}: cannot {self.what} ({self.where}): {self.reason}"
+
+
+class _ModelWalk:
+    """The loggers, callback and eval data shared by the revisions of one model (one W&B run)."""
+
+    def __init__(self, cfg: DictConfig, model: str) -> None:
+        from ce_dynamics.training import build_loggers
+
+        self.cfg = copy.deepcopy(cfg)
+        self.cfg.output_dir = str(Path(cfg.output_dir) / model_slug(model))
+        precision = _PRECISION[cfg.replay.dtype]
+        if str(self.cfg.trainer.precision) != precision:
+            log.info("replay: trainer.precision %s -> %s (replay.dtype=%s)", self.cfg.trainer.precision, precision,
+                     cfg.replay.dtype)
+            self.cfg.trainer.precision = precision
+        self.loggers = build_loggers(self.cfg, run_name=f"replay {model}")
+        self._datamodule: tuple[str, Any] | None = None
+
+    def datamodule(self, tokenizer: Any, names: list[str]) -> Any:
+        """The eval data for `names`, tokenized by `tokenizer`; reused while the tokenizer is the same."""
+        from ce_dynamics.training import build_datamodule
+
+        key = f"{_tokenizer_key(tokenizer)}|{names}"
+        if self._datamodule is None or self._datamodule[0] != key:
+            sub = copy.deepcopy(self.cfg)
+            sub.data.eval_sets = names
+            self._datamodule = (key, build_datamodule(sub, tokenizer))
+        return self._datamodule[1]
+
+    def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str]) -> list[dict[str, Any]]:
+        """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
+        from ce_dynamics.callback import CEDecompositionCallback
+        from ce_dynamics.scaling import non_embedding_params
+        from ce_dynamics.training import build_trainer
+
+        callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names)
+        callback.step = ckpt.step
+        trainer = build_trainer(self.cfg, [callback], self.loggers)
+        # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
+        trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step
+        trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
+        if not trainer.is_global_zero:
+            return []
+        params = non_embedding_params(module.model)
+        return [
+            {"model": ckpt.model, "revision": ckpt.revision, "step": ckpt.step, "dataset": name,
+             "num_tokens": int(callback.last_results[name]["num_tokens"]), "non_embedding_params": params,
+             **{key: float(callback.last_results[name][key]) for key in KEYS}}
+            for name in names
+        ]
+
+    def close(self) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+
+
+def run_replay(cfg: DictConfig) -> int:
+    """Walk `cfg`'s checkpoints (see the module docstring); 0 when all were evaluated, 1 if some failed,
+    2 for a bad replay configuration."""
+    from tqdm.auto import tqdm
+
+    try:
+        checkpoints = plan(cfg)
+    except ValueError as err:
+        print(f"replay: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.output_dir)
+    results_path = out / "results.jsonl"
+    done = {(r.get("model"), r.get("revision"), r.get("dataset")) for r in read_results(results_path)}
+    eval_sets = list(cfg.data.eval_sets)
+    failures: list[Failure] = []
+    walks: dict[str, _ModelWalk] = {}
+    skipped = 0
+    bar = tqdm(checkpoints, desc="replay", unit="ckpt", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for i, ckpt in enumerate(bar, start=1):
+            bar.set_description(f"replay {i}/{len(checkpoints)} {ckpt.model} {ckpt.revision}")
+            names = [d for d in eval_sets if (ckpt.model, ckpt.revision, d) not in done]
+            if not names:
+                skipped += 1
+                continue
+            for other in [m for m in walks if m != ckpt.model]:  # one model's W&B run at a time
+                walks.pop(other).close()
+            try:
+                tokenizer, module = _load(cfg, ckpt)
+            except Exception as err:  # noqa: BLE001 - any load error is reported and the walk goes on
+                failures.append(_report(ckpt, "load", err))
+                continue
+            try:
+                walk = walks.get(ckpt.model) or walks.setdefault(ckpt.model, _ModelWalk(cfg, ckpt.model))
+                rows = walk.evaluate(ckpt, module, tokenizer, names)
+                if rows:
+                    append_result_rows(results_path, rows)
+                    done.update((r["model"], r["revision"], r["dataset"]) for r in rows)
+            except Exception as err:  # noqa: BLE001
+                failures.append(_report(ckpt, "evaluate", err))
+            finally:
+                del module, tokenizer
+                _free_memory()
+    finally:
+        bar.close()
+        for walk in walks.values():
+            walk.close()
+    evaluated = len(checkpoints) - skipped - len(failures)
+    print(f"replay: {evaluated} checkpoint(s) evaluated, {skipped} already in {results_path}, "
+          f"{len(failures)} failed", file=sys.stderr)
+    if failures:
+        print("replay: failed:\n" + "\n".join(f"  - {f}" for f in failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(ckpt: Checkpoint, what: str, err: BaseException) -> Failure:
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if len(reason) > 600:
+        reason = reason[:600] + " ..."
+    failure = Failure(ckpt, what, _where(ckpt), reason)
+    if what == "evaluate":  # unlike a missing revision, this is unexpected: show where it happened
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"replay: {failure}", file=sys.stderr)
+    return failure

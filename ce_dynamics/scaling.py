@@ -1,0 +1,431 @@
+"""Power-law fits of cross-entropy and its components against model size (paper sec. 4.2).
+
+For every metric M in {CE, EE, SA, Conf} and a set of models, fit ``log|M| = c_M + alpha_M log N``
+(paper eq. 9, N = non-embedding parameters) and report the goodness of fit R^2 (Table 1) and the exponent
+gap ``|Delta_M| = |alpha_M - alpha_CE|`` (Table 2), per model family and dataset.
+
+Command line: ``python -m ce_dynamics.scaling results.jsonl [--out DIR]`` prints both tables and writes the
+scaling figures (paper figs. 7 and 8) as PNG next to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "COMPONENTS",
+    "SHORT_NAMES",
+    "PowerLawFit",
+    "ResultsError",
+    "ScalingTable",
+    "component_shares",
+    "dataset_order",
+    "decompose_arrays",
+    "exponent_gaps",
+    "family_of",
+    "fit_power_law",
+    "fit_groups",
+    "load_arrays",
+    "load_results",
+    "main",
+    "non_embedding_params",
+    "r2_table",
+    "delta_table",
+    "select_final",
+]
+
+COMPONENTS = ("cross_entropy", "error_entropy", "self_alignment", "confidence")
+SHORT_NAMES = {"cross_entropy": "CE", "error_entropy": "EE", "self_alignment": "SA", "confidence": "Conf"}
+ALL_GROUP = "All"  # the row of a table that pools every family
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+REQUIRED_FIELDS = ("model", "dataset", "non_embedding_params", *COMPONENTS)
+_KNOWN_FAMILIES = ("pythia", "gpt2", "opt", "qwen", "llama", "mistral", "bloom", "olmo", "gemma", "falcon", "phi")
+
+
+class ResultsError(ValueError):
+    """A results file or arrays folder that cannot be analysed; the message says what and where."""
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Read a ``results.jsonl`` (one JSON object per line, DESIGN.md rows) and check every row.
+
+    Each row needs ``model``, ``dataset``, ``non_embedding_params`` (> 0) and finite numbers for
+    ``cross_entropy``, ``error_entropy``, ``self_alignment``, ``confidence``; ``step`` and ``family`` are
+    optional. Raises ``ResultsError`` naming the file and line of the first bad row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"results file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ResultsError(f"{where}: not a valid JSON line ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ResultsError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in row]
+        if missing:
+            raise ResultsError(f"{where}: missing field(s) {missing}; every row needs {list(REQUIRED_FIELDS)}")
+        size = row["non_embedding_params"]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+            raise ResultsError(f"{where}: non_embedding_params must be a positive number, got {size!r}")
+        for key in COMPONENTS:
+            value = row[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ResultsError(f"{where}: {key} must be a finite number, got {value!r}")
+        rows.append(row)
+    if not rows:
+        raise ResultsError(f"{path}: no result rows")
+    return rows
+
+
+def select_final(rows: Iterable[Mapping], step: int | None = None) -> list[dict]:
+    """One row per (model, dataset): the one at ``step``, or else the highest ``step`` (later lines win
+    ties, so a rerun's row replaces an older one). Scaling compares models at the end of training."""
+    chosen: dict[tuple[str, str], Mapping] = {}
+    for row in rows:
+        if step is not None and row.get("step") != step:
+            continue
+        key = (str(row["model"]), str(row["dataset"]))
+        old = chosen.get(key)
+        if old is None or (row.get("step") or 0) >= (old.get("step") or 0):
+            chosen[key] = row
+    if not chosen:
+        raise ResultsError(f"no result rows at step {step}")
+    return [dict(r) for r in chosen.values()]
+
+
+def family_of(row: Mapping | str) -> str:
+    """Model family of a row (its ``family`` field if present) or of a hub id.
+
+    ``EleutherAI/pythia-160m`` -> ``pythia``, ``gpt2-xl`` -> ``gpt2``, ``Qwen/Qwen2.5-0.5B`` -> ``qwen``,
+    ``meta-llama/Meta-Llama-3-8B`` -> ``llama``; otherwise the name's first word without its version.
+    """
+    if isinstance(row, Mapping):
+        if row.get("family"):
+            return str(row["family"])
+        row = str(row["model"])
+    name = row.rstrip("/").rsplit("/", 1)[-1].lower()
+    words = [w for w in re.split(r"[-_ ]", name) if w]
+    for word in words:
+        base = re.sub(r"[\d.]+$", "", word)
+        if word in _KNOWN_FAMILIES or base in _KNOWN_FAMILIES:
+            return word if word in _KNOWN_FAMILIES else base
+    first = words[0] if words else name
+    return re.sub(r"[\d.]+$", "", first) or first
+
+
+def component_shares(row: Mapping[str, float]) -> dict[str, float]:
+    """Each component as a fraction of cross-entropy (paper fig. 8): ``EE/CE``, ``SA/CE``, ``Conf/CE``.
+
+    Confidence enters CE with a minus sign (CE = EE + SA - Conf), so the shares satisfy
+    ``EE/CE + SA/CE - Conf/CE = 1``: an EE share of 0.9 means Error-Entropy alone is 90% of the loss and
+    the non-scaling part ``SA - Conf`` is the other 10%.
+    """
+    ce = float(row["cross_entropy"])
+    if ce == 0.0:
+        raise ValueError("component shares are undefined when cross_entropy is 0")
+    return {k: float(row[k]) / ce for k in COMPONENTS[1:]}
+
+
+def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """Read saved metric state: ``{dataset: {step: {"rank_counts", "rank_log_score_sum"}}}``.
+
+    ``path`` is a run directory holding ``arrays/<dataset>/step_<N>.npz`` or the ``arrays`` folder itself.
+    Turn states into numbers with :func:`decompose_arrays`.
+    """
+    root = Path(path)
+    folder = root / "arrays" if (root / "arrays").is_dir() else root
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    if folder.is_dir():
+        for dataset_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            for file in dataset_dir.iterdir():
+                match = re.fullmatch(r"step_(\d+)\.npz", file.name)
+                if match is None:
+                    continue
+                with np.load(file) as data:
+                    missing = {"rank_counts", "rank_log_score_sum"} - set(data.files)
+                    if missing:
+                        raise ResultsError(f"{file}: missing array(s) {sorted(missing)}")
+                    state = {"rank_counts": data["rank_counts"], "rank_log_score_sum": data["rank_log_score_sum"]}
+                out.setdefault(dataset_dir.name, {})[int(match.group(1))] = state
+    if not out:
+        raise ResultsError(f"no arrays/<dataset>/step_<N>.npz files under {root} (a training run's output_dir holds "
+                           f"arrays/; a replay keeps them per model, in output_dir/<model slug>/arrays/)")
+    return {d: dict(sorted(steps.items())) for d, steps in out.items()}
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Least-squares line ``log|y| = intercept + alpha * log x`` (natural logs) and its R^2."""
+
+    alpha: float
+    intercept: float
+    r2: float
+    num_points: int
+
+    def predict(self, x: np.ndarray | float) -> np.ndarray:
+        """|y| the fitted power law gives at ``x``."""
+        return np.exp(self.intercept) * np.asarray(x, dtype=np.float64) ** self.alpha
+
+
+def fit_power_law(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> PowerLawFit:
+    """Fit ``log|y| = c + alpha log x`` by ordinary least squares (paper eq. 9).
+
+    ``|y|`` because a component may be negative (Confidence is log C, negative when C < 1); the paper fits
+    ``log|M|``. R^2 is ``1 - SS_res / SS_tot`` in log space; when every ``log|y|`` is equal (to rounding)
+    the flat line is exact and R^2 is 1.
+    """
+    xs = np.asarray(x, dtype=np.float64).reshape(-1)
+    ys = np.asarray(y, dtype=np.float64).reshape(-1)
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y must have the same length, got {xs.size} and {ys.size}")
+    if xs.size < 2:
+        raise ValueError(f"a power-law fit needs at least 2 points, got {xs.size}")
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+        raise ValueError("x and y must be finite (no NaN or inf)")
+    if np.any(xs <= 0):
+        raise ValueError(f"x must be positive (model sizes), got {xs[xs <= 0].tolist()}")
+    if np.any(ys == 0):
+        raise ValueError("y must be non-zero: log|y| is undefined at 0")
+    lx, ly = np.log(xs), np.log(np.abs(ys))
+    dx = lx - lx.mean()
+    sxx = float(dx @ dx)
+    if sxx == 0.0:
+        raise ValueError("x needs at least 2 distinct values to fit a slope")
+    alpha = float(dx @ (ly - ly.mean())) / sxx
+    intercept = float(ly.mean() - alpha * lx.mean())
+    residual = ly - (intercept + alpha * lx)
+    ss_res = float(residual @ residual)
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    # A constant log|y| (up to rounding) is fitted exactly by a flat line: R^2 = 1, not 0/0.
+    constant = ss_tot <= (64 * np.finfo(np.float64).eps) ** 2 * float(ly @ ly)
+    r2 = 1.0 if constant else 1.0 - ss_res / ss_tot
+    return PowerLawFit(alpha=alpha, intercept=intercept, r2=r2, num_points=int(xs.size))
+
+
+def exponent_gaps(fits: Mapping[str, PowerLawFit]) -> dict[str, float]:
+    """``|Delta_M| = |alpha_M - alpha_CE|`` for every component M other than cross-entropy (Table 2)."""
+    if "cross_entropy" not in fits:
+        raise ValueError(f"exponent gaps need a 'cross_entropy' fit, got {sorted(fits)}")
+    base = fits["cross_entropy"].alpha
+    return {name: abs(fit.alpha - base) for name, fit in fits.items() if name != "cross_entropy"}
+
+
+def non_embedding_params(model: "torch.nn.Module") -> int:  # noqa: F821
+    """Parameters outside the embedding tables and the output unembedding (paper Table 4 convention).
+
+    Excluded: the token embedding (``get_input_embeddings()``), the output unembedding
+    (``get_output_embeddings()``) and any other ``nn.Embedding`` (learned position embeddings: GPT-2's
+    ``wpe``, OPT's ``embed_positions``), which is how Table 4 counts gpt2 and opt-125m at 85,056,000.
+    Each parameter is counted once, so tied input/output embeddings are handled. Works on the meta device.
+    """
+    import torch
+
+    excluded: set[int] = set()
+    modules = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if module is not None:
+            modules.append(module)
+    for module in modules:
+        excluded.update(id(p) for p in module.parameters())
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already yields each shared tensor once
+        if id(p) in excluded or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return int(total)
+
+
+def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]]) -> dict[str, dict[int, dict]]:
+    """Numbers for every (dataset, step) state from :func:`load_arrays`, via the core's one implementation.
+
+    Returns ``{dataset: {step: {KEYS..., "num_tokens", "p_e", "q_e"}}}`` with Python floats for the scalars
+    and numpy arrays for ``p_e``/``q_e``.
+    """
+    import torch
+
+    from ce_dynamics.functional import decomposition_from_state
+
+    out: dict[str, dict[int, dict]] = {}
+    for dataset, steps in arrays.items():
+        out[dataset] = {}
+        for step, state in sorted(steps.items()):
+            result = decomposition_from_state(
+                torch.from_numpy(np.asarray(state["rank_counts"], dtype=np.int64)),
+                torch.from_numpy(np.asarray(state["rank_log_score_sum"], dtype=np.float64)),
+            )
+            out[dataset][step] = {
+                k: (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def fit_groups(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[str, dict[str, PowerLawFit]]]:
+    """Fits per group (each family with ``>= min_models`` models, then "All" when there are several
+    families), per dataset, per component: ``{group: {dataset: {component: PowerLawFit}}}``.
+
+    ``rows`` must hold one row per (model, dataset) (see :func:`select_final`). Raises ``ResultsError``
+    when no group has enough models, naming how many each family has.
+    """
+    if min_models < 2:
+        raise ValueError(f"min_models must be >= 2, got {min_models}")
+    rows = list(rows)
+    by_group: dict[str, list[Mapping]] = {}
+    for row in rows:
+        by_group.setdefault(family_of(row), []).append(row)
+    groups = {g: r for g, r in sorted(by_group.items()) if _num_models(r) >= min_models}
+    if len(by_group) > 1 and _num_models(rows) >= min_models:
+        groups[ALL_GROUP] = rows
+    if not groups:
+        counts = ", ".join(f"{g}: {_num_models(r)}" for g, r in sorted(by_group.items())) or "no rows"
+        raise ResultsError(
+            f"too few models for a power-law fit: need at least {min_models} models of distinct size in a "
+            f"family (models per family: {counts})"
+        )
+    fits: dict[str, dict[str, dict[str, PowerLawFit]]] = {}
+    for group, group_rows in groups.items():
+        fits[group] = {}
+        for dataset in dataset_order(group_rows):
+            subset = [r for r in group_rows if r["dataset"] == dataset]
+            if _num_models(subset) < min_models:
+                continue
+            x = [r["non_embedding_params"] for r in subset]
+            fits[group][dataset] = {c: _fit_or_raise(x, [r[c] for r in subset], group, dataset, c) for c in COMPONENTS}
+    return fits
+
+
+def dataset_order(rows: Iterable[Mapping]) -> list[str]:
+    """Dataset names in the order they first appear in ``rows`` (the order the run evaluated them)."""
+    return list(dict.fromkeys(str(r["dataset"]) for r in rows))
+
+
+def _num_models(rows: Sequence[Mapping]) -> int:
+    return len({r["non_embedding_params"] for r in rows})
+
+
+def _fit_or_raise(x: list, y: list, group: str, dataset: str, component: str) -> PowerLawFit:
+    try:
+        return fit_power_law(x, y)
+    except ValueError as err:
+        raise ResultsError(f"cannot fit {component} for {group}/{dataset}: {err}") from err
+
+
+@dataclass(frozen=True)
+class ScalingTable:
+    """A Table 1/2 style table: ``values[group][dataset][short component name]``; higher is better for
+    R^2 and lower is better for |Delta|."""
+
+    title: str
+    components: tuple[str, ...]
+    datasets: tuple[str, ...]
+    values: dict[str, dict[str, dict[str, float]]]
+    higher_is_better: bool
+
+    def best(self, group: str, dataset: str) -> str | None:
+        """The short component name with the best value in this (row, dataset) block."""
+        block = {k: v for k, v in self.values[group].get(dataset, {}).items() if not math.isnan(v)}
+        if not block:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(block, key=block.__getitem__)
+
+    def format(self) -> str:
+        """Plain-text table: families as rows, datasets x components as columns, best per block with '*'."""
+        width = 9
+        head1 = f"{self.title:<14}" + "".join(
+            f"{d[: width * len(self.components) - 1]:<{width * len(self.components)}}" for d in self.datasets
+        )
+        head2 = " " * 14 + "".join(f"{c:>{width}}" for _ in self.datasets for c in self.components)
+        lines = [head1.rstrip(), head2]
+        for group, per_dataset in self.values.items():
+            cells = []
+            for d in self.datasets:
+                best = self.best(group, d)
+                for c in self.components:
+                    v = per_dataset.get(d, {}).get(c, float("nan"))
+                    text = "-" if math.isnan(v) else f"{v:.4f}" + ("*" if c == best else " ")
+                    cells.append(f"{text:>{width}}")
+            lines.append(f"{group:<14}" + "".join(cells))
+        return "\n".join(lines)
+
+
+def r2_table(fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]]) -> ScalingTable:
+    """Table 1: R^2 of the power-law fit of CE, EE, SA and Conf, per group and dataset."""
+    datasets = tuple(dict.fromkeys(d for per in fits.values() for d in per))
+    values = {
+        g: {d: {SHORT_NAMES[c]: f.r2 for c, f in per_c.items()} for d, per_c in per.items()} for g, per in fits.items()
+    }
+    return ScalingTable("R^2", tuple(SHORT_NAMES[c] for c in COMPONENTS), datasets, values, True)
+
+
+def delta_table(fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]]) -> ScalingTable:
+    """Table 2: |Delta_M| = |alpha_M - alpha_CE| for EE, SA and Conf, per group and dataset."""
+    datasets = tuple(dict.fromkeys(d for per in fits.values() for d in per))
+    values = {
+        g: {d: {SHORT_NAMES[c]: v for c, v in exponent_gaps(per_c).items()} for d, per_c in per.items()}
+        for g, per in fits.items()
+    }
+    return ScalingTable("|Delta|", tuple(SHORT_NAMES[c] for c in COMPONENTS[1:]), datasets, values, False)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print Tables 1-2 for a results file and write figs. 7-8 as PNG; exit 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ce_dynamics.scaling",
+        description="Power-law fits of cross-entropy and its components against non-embedding parameters.",
+    )
+    parser.add_argument("results", type=Path, help="results.jsonl (one row per model, revision, dataset)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to results)")
+    parser.add_argument("--step", type=int, default=None, help="use rows at this training step (default: last)")
+    parser.add_argument("--min-models", type=int, default=3, help="models a family needs for a fit (>= 2)")
+    parser.add_argument("--no-figures", action="store_true", help="print the tables only")
+    args = parser.parse_args(argv)
+    try:
+        rows = select_final(load_results(args.results), step=args.step)
+        fits = fit_groups(rows, min_models=args.min_models)
+    except (ResultsError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(r2_table(fits).format())
+    print()
+    print(delta_table(fits).format())
+    print("\n'*' marks the best value per family and dataset (highest R^2, smallest |Delta|).")
+    if not args.no_figures:
+        from ce_dynamics import figures
+
+        out = args.out if args.out is not None else args.results.parent
+        paths = figures.save_scaling_figures(rows, fits, out)
+        for path in paths:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Train a family of tiny GPT-NeoX models of geometrically spaced size on CPU and write a scaling results file.
+
+    python -m ce_dynamics.tiny_scaling                       # 5 sizes, experiment=tiny_scaling
+    python -m ce_dynamics.tiny_scaling trainer.max_steps=100 # any override applies to every member
+    python -m ce_dynamics.scaling outputs/tiny_scaling/train/results.jsonl
+
+Every member uses `configs/experiment/tiny_scaling.yaml` (same tokenizer, data, token budget and schedule) with
+its own shape, is trained by `ce_dynamics.training.run_training` into `output_dir/<member>/`, and its final
+validation state (`arrays/<dataset>/step_<max_steps>.npz`) becomes one row per dataset of
+`output_dir/results.jsonl`, written with the replay's row writer. A rerun resumes (see `run_tiny_scaling`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+FAMILY = "tiny-neox"
+# (hidden_size, num_hidden_layers): non-embedding parameters grow ~2.5x per member (about 25k to 1.5M).
+SIZES: tuple[tuple[int, int], ...] = ((32, 2), (48, 3), (80, 3), (128, 3), (160, 5))
+
+
+def member_name(hidden: int, layers: int) -> str:
+    """The `model` field of a member's rows, e.g. ``tiny-neox-h64-l2``."""
+    return f"{FAMILY}-h{hidden}-l{layers}"
+
+
+def member_config(argv: Sequence[str], hidden: int, layers: int) -> DictConfig:
+    """`experiment=tiny_scaling` + the user's overrides + this member's shape and output folder."""
+    from ce_dynamics.config import load_config
+
+    base = load_config(["experiment=tiny_scaling", *argv])
+    heads = 4 if hidden % 4 == 0 else 2
+    return load_config([
+        "experiment=tiny_scaling", *argv,
+        f"model.hidden_size={hidden}", f"model.num_hidden_layers={layers}", f"model.num_attention_heads={heads}",
+        f"model.intermediate_size={4 * hidden}", f"output_dir={Path(base.output_dir) / member_name(hidden, layers)}",
+    ])
+
+
+def count_non_embedding(cfg: DictConfig) -> int:
+    """Non-embedding parameters of the member's architecture (built on the meta device, no memory)."""
+    import torch
+
+    from ce_dynamics.module import build_gpt_neox
+    from ce_dynamics.scaling import non_embedding_params
+    from ce_dynamics.training import _SHAPE_KEYS  # the model.* keys that are not GPT-NeoX shape
+
+    shape = {k: v for k, v in cfg.model.items() if k not in _SHAPE_KEYS}
+    with torch.device("meta"):
+        return non_embedding_params(build_gpt_neox(shape))
+
+
+def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
+    """Rows (one per eval set) from the member's saved state at its last step, via the core's math."""
+    from ce_dynamics.scaling import decompose_arrays, load_arrays
+
+    numbers = decompose_arrays(load_arrays(cfg.output_dir))
+    rows = []
+    for dataset in cfg.data.eval_sets:
+        step = max(numbers[dataset])
+        values = numbers[dataset][step]
+        rows.append({
+            "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
+            "num_tokens": int(values["num_tokens"]), "non_embedding_params": params,
+            **{k: float(values[k]) for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence",
+                                             "accuracy", "mean_reciprocal_rank")},
+        })
+    return rows
+
+
+def run_tiny_scaling(argv: Sequence[str] = (), sizes: Sequence[tuple[int, int]] = SIZES) -> Path:
+    """Train (or reuse) every member and add its final rows to ``output_dir/results.jsonl``; returns its path.
+
+    Like a replay, a rerun resumes: members with final arrays are not retrained and rows already in the
+    results file are not written again.
+    """
+    from ce_dynamics.config import load_config
+    from ce_dynamics.replay import append_result_rows, read_results
+    from ce_dynamics.training import run_training
+
+    path = Path(load_config(["experiment=tiny_scaling", *argv]).output_dir) / "results.jsonl"
+    done = {(r.get("model"), r.get("revision"), r.get("dataset")) for r in read_results(path)}
+    for hidden, layers in sizes:
+        cfg = member_config(argv, hidden, layers)
+        final = Path(cfg.output_dir) / "arrays" / cfg.data.eval_sets[0] / f"step_{cfg.trainer.max_steps}.npz"
+        if not final.exists():
+            code = run_training(cfg)
+            if code != 0:
+                raise RuntimeError(f"training {member_name(hidden, layers)} failed with exit code {code}")
+        rows = final_rows(cfg, member_name(hidden, layers), count_non_embedding(cfg))
+        new = [r for r in rows if (r["model"], r["revision"], r["dataset"]) not in done]
+        if new:
+            append_result_rows(path, new)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train the family, then print the scaling tables and write the figures next to the results."""
+    from ce_dynamics import scaling
+    from ce_dynamics.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        path = run_tiny_scaling(argv)
+    except ConfigError as err:
+        print(f"tiny_scaling: config error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return scaling.main([str(path)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Builders shared by training and replay (tokenizer, data, module, loggers, trainer), and `run_training`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from ce_dynamics.callback import CEDecompositionCallback
+from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
+from ce_dynamics.module import CausalLMModule
+
+log = logging.getLogger(__name__)
+
+_SHAPE_KEYS = ("hub_id", "revision", "pretrained", "tokenizer")  # model.* keys that are not GPT-NeoX shape
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_tokenizer(cfg: DictConfig, hub_id: str | None = None, revision: str | None = None) -> Any:
+    """`model.tokenizer`, else the hub model's (`hub_id` or `model.hub_id`), else a BPE trained on data.train.
+
+    The BPE is cached in `data.cache_dir`, keyed by corpus and vocabulary size.
+    """
+    from transformers import AutoTokenizer
+
+    if cfg.model.tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    if hub_id or cfg.model.hub_id:
+        return AutoTokenizer.from_pretrained(hub_id or cfg.model.hub_id,
+                                             revision=revision if hub_id else cfg.model.revision)
+    spec = _plain(cfg.data.train)
+    chars = cfg.data.tokenizer_train_chars
+    key = f"{corpus_id({k: v for k, v in spec.items() if k != 'max_chars'}, 'train')}|chars={chars}"
+    return train_bpe_tokenizer(take_chars(documents(spec, "train"), chars), cfg.model.vocab_size,
+                               cfg.data.cache_dir, key)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
+    """The datamodule: `data.eval_sets` (looked up in the `data.eval` catalog) as validation dataloaders."""
+    train = _plain(cfg.data.train)
+    return CEDataModule(
+        tokenizer,
+        eval_specs={name: _plain(cfg.data.eval[name]) for name in cfg.data.eval_sets},
+        seq_len=cfg.data.seq_len,
+        eval_sequences=cfg.data.eval_sequences,
+        batch_size=cfg.data.batch_size,
+        train_spec={k: v for k, v in train.items() if k != "max_chars"},
+        train_max_chars=train.get("max_chars"),
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+    )
+
+
+def build_module(cfg: DictConfig, hub_id: str | None = None, revision: str | None = None,
+                 dtype: str = "float32") -> CausalLMModule:
+    """`from_pretrained(hub_id, revision)` when given (or `model.pretrained`), else GPT-NeoX from model.*."""
+    optim = _plain(cfg.optim)
+    if hub_id is None and cfg.model.pretrained:
+        hub_id, revision = cfg.model.hub_id, cfg.model.revision
+        if not hub_id:
+            raise ValueError("model.pretrained=true needs model.hub_id")
+    if hub_id is not None:
+        return CausalLMModule(hub_id=hub_id, revision=revision, dtype=dtype, **optim)
+    shape = {k: v for k, v in _plain(cfg.model).items() if k not in _SHAPE_KEYS}
+    return CausalLMModule(model_config=shape, **optim)
+
+
+def _wandb_run_id(output_dir: Path, run_name: str) -> str:
+    """The W&B run id of `run_name` in this output_dir (created once, kept in `wandb_run_ids.json`), so a
+    resumed run continues the same charts while differently named runs (replay's models) stay apart."""
+    path = output_dir / "wandb_run_ids.json"
+    ids = json.loads(path.read_text()) if path.exists() else {}
+    if run_name not in ids:
+        ids[run_name] = uuid.uuid4().hex[:12]
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ids, indent=1))
+        os.replace(tmp, path)
+    return ids[run_name]
+
+
+def build_loggers(cfg: DictConfig, run_name: str) -> list[Logger]:
+    """A CSVLogger, plus a WandbLogger (offline by default) under `output_dir` unless W&B is disabled.
+
+    Online mode without an API key or network falls back to offline with a warning instead of failing.
+    """
+    out = Path(cfg.output_dir)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(out), name="csv")]
+    mode = cfg.logger.wandb.mode
+    if mode == "disabled":
+        return loggers
+
+    def wandb_logger(mode: str) -> WandbLogger:
+        return WandbLogger(project=cfg.logger.wandb.project, name=run_name, save_dir=str(out),
+                           id=_wandb_run_id(out, run_name), resume="allow", mode=mode,
+                           config=OmegaConf.to_container(cfg, resolve=True))
+
+    logger = wandb_logger(mode)
+    if mode == "online":
+        try:
+            logger.experiment  # noqa: B018 - start the run now, so a login or network failure shows here
+        except Exception as err:  # wandb raises several types for "no key" and "no network"
+            warnings.warn(f"W&B online failed ({err!r}); logging offline instead (`wandb sync` it later)",
+                          stacklevel=2)
+            logger = wandb_logger("offline")
+    return [*loggers, logger]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
+    """`lightning.Trainer(**cfg.trainer)` writing under `output_dir`."""
+    return L.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False,
+                     default_root_dir=cfg.output_dir)
+
+
+def run_training(cfg: DictConfig) -> int:
+    """Train `cfg`'s model, validating (and logging the decomposition) at step 0 and every
+    `trainer.val_check_interval` batches; checkpoints in `output_dir/checkpoints`. Returns an exit code."""
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    tokenizer = build_tokenizer(cfg)
+    datamodule = build_datamodule(cfg, tokenizer)
+    module = build_module(cfg)
+    width = module.model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > width:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {width} logits "
+                         f"(raise model.vocab_size)")
+    callbacks = [
+        CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets)),
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+                        save_on_train_epoch_end=False),  # after every validation
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+        if ckpt_path is None:
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+    loggers = build_loggers(cfg, run_name=cfg.experiment)
+    trainer = build_trainer(cfg, callbacks, loggers)
+    try:
+        if ckpt_path is None:
+            trainer.validate(module, datamodule=datamodule)  # step 0: the untrained model on every chart
+        if trainer.max_steps != 0:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        if any(isinstance(lg, WandbLogger) for lg in loggers) and trainer.is_global_zero:
+            import wandb
+
+            wandb.finish()  # flush the (offline) run to disk now, and let a later run in this process start anew
+    return 0

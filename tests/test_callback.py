@@ -1,0 +1,183 @@
+"""CEDecompositionCallback on a minimal user LightningModule: W&B offline read back with the real CLI, CSV,
+npz arrays that recompute the logged values, sanity check skipped, step override, resume state."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from ce_dynamics import CEDecompositionCallback
+from ce_dynamics.functional import KEYS, cross_entropy_decomposition, decomposition_from_state
+
+V = 37  # vocab width (> 32 so the histograms use more than one bucket per rank only at the head)
+NAMES = ["alpha", "beta"]
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of an offline W&B run, read with `wandb leet inspect --json` (the real CLI)."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    proc = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                          text=True, check=True, timeout=60)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+class BigramLM(L.LightningModule):
+    """A user's own module: the contract is only that validation_step returns aligned logits and labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(V, V)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return torch.nn.functional.cross_entropy(self.table(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        (x,) = batch
+        labels = x[:, 1:].clone()
+        labels[:, :2] = -100  # positions the user chose not to score
+        return {"logits": self.table(x[:, :-1]), "labels": labels}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=5.0)
+
+
+def _tokens(seed: int, n: int, length: int = 12) -> torch.Tensor:
+    # a noisy cycle, so a bigram table can learn it and the decomposition moves
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, V, (n, 1), generator=g)
+    x = (start + torch.arange(length)) % V
+    noise = torch.rand(n, length, generator=g) < 0.3
+    return torch.where(noise, torch.randint(0, V, (n, length), generator=g), x)
+
+
+VAL = {"alpha": _tokens(1, 10), "beta": _tokens(2, 7)}
+
+
+def _val_loaders() -> list[DataLoader]:
+    return [DataLoader(TensorDataset(VAL[name]), batch_size=3) for name in NAMES]
+
+
+def _trainer(tmp: Path, callback: CEDecompositionCallback, loggers, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=loggers, callbacks=[callback], default_root_dir=tmp,
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """fit 6 steps validating every 3 (after a 2-batch sanity check), with W&B offline and CSV loggers."""
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("callback")
+    callback = CEDecompositionCallback(output_dir=tmp / "out", dataset_names=NAMES)
+    wandb_logger = WandbLogger(project="test", save_dir=str(tmp), mode="offline")
+    csv_logger = CSVLogger(save_dir=str(tmp), name="csv")
+    model = BigramLM()
+    trainer = _trainer(tmp, callback, [wandb_logger, csv_logger], max_steps=6, val_check_interval=3,
+                       num_sanity_val_steps=2, log_every_n_steps=1)
+    trainer.fit(model, DataLoader(TensorDataset(_tokens(3, 48)), batch_size=8), _val_loaders())
+    import wandb
+
+    wandb.finish()
+    run_dir = next((tmp / "wandb").glob("offline-run-*"))
+    return {"tmp": tmp, "callback": callback, "model": model, "history": wandb_history(run_dir),
+            "csv": Path(csv_logger.log_dir) / "metrics.csv"}
+
+
+def _decomp_rows(history: list[dict]) -> dict[int, dict]:
+    rows = [r for r in history if "decomp/alpha/error_entropy" in r]
+    steps = [r["trainer/global_step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {int(r["trainer/global_step"]): r for r in rows}
+
+
+def test_wandb_rows_carry_scalars_histograms_and_image_at_each_validation_step(fitted):
+    rows = _decomp_rows(fitted["history"])
+    assert sorted(rows) == [3, 6]  # validation after 3 and 6 steps; the sanity check is not logged
+    for row in rows.values():
+        for name in NAMES:
+            for key in KEYS:
+                assert math.isfinite(row[f"decomp/{name}/{key}"])
+            for key in ("p_e", "q_e"):
+                assert row[f"decomp/{name}/{key}._type"] == "histogram"
+                assert row[f"decomp/{name}/{key}.bins"][-1] == V
+            assert row[f"decomp/{name}/p_e_vs_q_e._type"] == "image-file"
+    # training lowered the error entropy on both sets
+    for name in NAMES:
+        assert rows[6][f"decomp/{name}/error_entropy"] < rows[3][f"decomp/{name}/error_entropy"]
+
+
+def test_npz_arrays_recompute_the_logged_values_exactly(fitted):
+    rows = _decomp_rows(fitted["history"])
+    for step, row in rows.items():
+        for name in NAMES:
+            state = np.load(fitted["tmp"] / "out" / "arrays" / name / f"step_{step}.npz")
+            out = decomposition_from_state(torch.from_numpy(state["rank_counts"]),
+                                           torch.from_numpy(state["rank_log_score_sum"]))
+            assert int(out["num_tokens"]) == VAL[name][:, 3:].numel()  # sanity batches not counted
+            for key in KEYS:
+                assert float(out[key]) == row[f"decomp/{name}/{key}"], (step, name, key)
+            hist = np.asarray(row[f"decomp/{name}/p_e.values"], dtype=float)
+            assert hist.sum() == pytest.approx(1.0)
+    assert not list(fitted["tmp"].glob("out/arrays/*/.*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_last_results_match_an_independent_full_pass(fitted):
+    model = fitted["model"]
+    for name in NAMES:
+        x = VAL[name]
+        labels = x[:, 1:].clone()
+        labels[:, :2] = -100
+        with torch.no_grad():
+            expected = cross_entropy_decomposition(model.table(x[:, :-1]), labels)
+        got = fitted["callback"].last_results[name]
+        assert got["num_tokens"] == int(expected["num_tokens"])
+        for key in KEYS:
+            assert got[key] == pytest.approx(float(expected[key]), rel=1e-9, abs=1e-12)
+
+
+def test_scalars_also_reach_the_csv_logger(fitted):
+    with open(fitted["csv"]) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("decomp/beta/confidence")]
+    assert sorted(int(r["step"]) for r in rows) == [3, 6]
+
+
+def test_step_override_names_fallback_and_no_step_logged_twice(tmp_path):
+    callback = CEDecompositionCallback(log_histograms=False)  # no datamodule, no names: val_<idx>
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    trainer = _trainer(tmp_path, callback, [logger])
+    model = BigramLM()
+    callback.step = 1000
+    trainer.validate(model, _val_loaders(), verbose=False)
+    assert sorted(callback.last_results) == ["val_0", "val_1"]
+    assert (tmp_path / "arrays" / "val_1" / "step_1000.npz").exists()  # default_root_dir when no output_dir
+    callback.step = None
+    trainer.validate(model, _val_loaders(), verbose=False)  # global_step 0
+    state = callback.state_dict()
+    assert state == {"last_logged_step": 0}
+    resumed = CEDecompositionCallback(output_dir=tmp_path / "again")
+    resumed.load_state_dict(state)
+    _trainer(tmp_path, resumed, False).validate(model, _val_loaders(), verbose=False)
+    assert not (tmp_path / "again").exists()  # step 0 was logged before the "resume": not again
+    assert resumed.last_results["val_0"] == callback.last_results["val_0"]
+
+
+def test_bad_validation_outputs_raise_a_clear_error(tmp_path):
+    class NoLogits(BigramLM):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return torch.tensor(0.0)
+
+    trainer = _trainer(tmp_path, CEDecompositionCallback(), False)
+    with pytest.raises(ValueError, match="'logits'.*'labels'"):
+        trainer.validate(NoLogits(), _val_loaders(), verbose=False)

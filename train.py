@@ -1,0 +1,36 @@
+"""Train a language model and watch its cross-entropy decomposition, or replay released checkpoints.
+
+    python train.py                                  # the `tiny` experiment, a few minutes on CPU
+    python train.py experiment=pythia160m trainer.devices=8
+    python train.py experiment=pythia160m mode=replay
+    python train.py trainer.max_steps=400 data.batch_size=8 logger.wandb.mode=online
+    python train.py ckpt_path=last                   # resume from output_dir/checkpoints/last.ckpt
+
+Configs: configs/default.yaml <- configs/experiment/<name>.yaml <- command line `key=value`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ce_dynamics.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run train.py with `argv` (default: the command line); return the exit code (2 for config errors)."""
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"train.py: config error: {err}", file=sys.stderr)
+        return 2
+    if cfg.mode == "replay":
+        from ce_dynamics.replay import run_replay
+
+        return run_replay(cfg)
+    from ce_dynamics.training import run_training
+
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
