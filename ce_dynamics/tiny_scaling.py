@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ce_dynamics.functional import KEYS
+
 FAMILY = "tiny-neox"
 # (hidden_size, num_hidden_layers): non-embedding parameters grow ~2.5x per member (about 25k to 1.5M).
 SIZES: tuple[tuple[int, int], ...] = ((32, 2), (48, 3), (80, 3), (128, 3), (160, 5))
@@ -47,11 +49,10 @@ def count_non_embedding(cfg: DictConfig) -> int:
 
     from ce_dynamics.module import build_gpt_neox
     from ce_dynamics.scaling import non_embedding_params
-    from ce_dynamics.training import _SHAPE_KEYS  # the model.* keys that are not GPT-NeoX shape
+    from ce_dynamics.training import model_shape
 
-    shape = {k: v for k, v in cfg.model.items() if k not in _SHAPE_KEYS}
     with torch.device("meta"):
-        return non_embedding_params(build_gpt_neox(shape))
+        return non_embedding_params(build_gpt_neox(model_shape(cfg)))
 
 
 def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
@@ -66,8 +67,7 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
         rows.append({
             "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
             "num_tokens": int(values["num_tokens"]), "non_embedding_params": params,
-            **{k: float(values[k]) for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence",
-                                             "accuracy", "mean_reciprocal_rank")},
+            **{k: float(values[k]) for k in KEYS},
         })
     return rows
 

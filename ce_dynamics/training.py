@@ -22,7 +22,12 @@ from ce_dynamics.module import CausalLMModule
 
 log = logging.getLogger(__name__)
 
-_SHAPE_KEYS = ("hub_id", "revision", "pretrained", "tokenizer")  # model.* keys that are not GPT-NeoX shape
+_NOT_SHAPE_KEYS = ("hub_id", "revision", "pretrained", "tokenizer")
+
+
+def model_shape(cfg: DictConfig) -> dict[str, Any]:
+    """The GPT-NeoX config kwargs of `cfg.model` (every model.* key but the hub/tokenizer ones)."""
+    return {k: v for k, v in _plain(cfg.model).items() if k not in _NOT_SHAPE_KEYS}
 
 
 def _plain(node: Any) -> Any:
@@ -74,8 +79,7 @@ def build_module(cfg: DictConfig, hub_id: str | None = None, revision: str | Non
             raise ValueError("model.pretrained=true needs model.hub_id")
     if hub_id is not None:
         return CausalLMModule(hub_id=hub_id, revision=revision, dtype=dtype, **optim)
-    shape = {k: v for k, v in _plain(cfg.model).items() if k not in _SHAPE_KEYS}
-    return CausalLMModule(model_config=shape, **optim)
+    return CausalLMModule(model_config=model_shape(cfg), **optim)
 
 
 def _wandb_run_id(output_dir: Path, run_name: str) -> str:
