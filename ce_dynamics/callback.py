@@ -139,7 +139,10 @@ class CEDecompositionCallback(Callback):
             return {idx: f"val_{idx}" for idx in self._metrics}
         missing = [idx for idx in self._metrics if idx >= len(names)]
         if missing:
-            raise ValueError(f"{len(names)} dataset names {list(names)} for val dataloaders {sorted(self._metrics)}")
+            raise ValueError(
+                f"Expected one dataset name per validation dataloader (indices {sorted(self._metrics)}), got "
+                f"{len(names)}: {list(names)}; pass dataset_names= or give the datamodule matching eval_names"
+            )
         return {idx: names[idx] for idx in self._metrics}
 
     def _log(self, trainer: L.Trainer, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
