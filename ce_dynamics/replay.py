@@ -55,7 +55,8 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg}); expected one result row per line") from None
+            message = f"{path}:{lineno}: not a JSON line ({err.msg}); expected one result row per line"
+            raise ValueError(message) from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)

@@ -1,0 +1,272 @@
+"""Replay through the real path, offline: `train.py mode=replay` -> `from_pretrained(hub_id, revision="stepN")`
+against a local hub cache (tests/hub_cache.py) -> `trainer.validate` + callback -> results.jsonl, arrays, W&B."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
+
+from ce_dynamics.functional import KEYS, decomposition_from_state
+from ce_dynamics.replay import RESULT_FIELDS, append_result_row, append_result_rows, model_slug, read_results
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+SEQ_LEN, EVAL_SEQUENCES = 32, 4
+TOKENS_PER_SET = EVAL_SEQUENCES * (SEQ_LEN - 1)
+SMALL = [f"data.seq_len={SEQ_LEN}", f"data.eval_sequences={EVAL_SEQUENCES}", "data.batch_size=4",
+         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def replay(out: Path, *args: str) -> int:
+    return train.main(["mode=replay", f"output_dir={out}", f"data.cache_dir={out.parent / 'tok_cache'}",
+                       *SMALL, *args])
+
+
+def hub_args(hub: HubCache, revisions: str = "[0,2,4]", models: str | None = None) -> list[str]:
+    return [f"replay.models={models or '[' + hub.hub_id + ']'}", f"replay.revisions={revisions}"]
+
+
+def wandb_history(model_dir: Path) -> list[dict]:
+    """History rows of every W&B run under `model_dir/wandb`, read back with the real CLI."""
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    rows = []
+    run_dirs = sorted(model_dir.glob("wandb/offline-run-*"))
+    assert run_dirs, f"no W&B run under {model_dir}"
+    for run_dir in run_dirs:
+        out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        rows += [r["history"]["item"] for r in records if r.get("type") == "history"]
+    return rows
+
+
+def check_row(row: dict) -> None:
+    assert set(row) == set(RESULT_FIELDS)
+    assert row["revision"] == f"step{row['step']}"
+    assert row["num_tokens"] == TOKENS_PER_SET
+    ce, ee, sa, conf = (row[k] for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"))
+    assert math.isclose(ce, ee + sa - conf, rel_tol=0, abs_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def walk(tiny_hub: HubCache, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("walk") / "out"
+    with offline_hub(tiny_hub.root):
+        code = replay(out, *hub_args(tiny_hub))
+    return code, out
+
+
+def test_walk_writes_one_row_per_revision_and_dataset(walk, tiny_hub: HubCache) -> None:
+    code, out = walk
+    assert code == 0
+    rows = read_results(out / "results.jsonl")
+    assert [(r["step"], r["dataset"]) for r in rows] == [(s, d) for s in (0, 2, 4) for d in ("code", "prose")]
+    for row in rows:
+        check_row(row)
+        assert row["model"] == tiny_hub.hub_id
+    # GPT-NeoX per layer: 2 LayerNorms (4h), qkv (3h^2+3h), dense (h^2+h), MLP (8h^2+5h); final LayerNorm (2h).
+    # With Pythia-160M's h=768, 12 layers this gives Table 4's 85,056,000.
+    h, layers = 32, 2
+    assert {r["non_embedding_params"] for r in rows} == {layers * (12 * h * h + 13 * h) + 2 * h}
+    # The checkpoints were really trained: cross-entropy on code falls from step0 to step4.
+    ce = {r["step"]: r["cross_entropy"] for r in rows if r["dataset"] == "code"}
+    assert ce[4] < ce[0] - 0.1
+
+
+def test_rows_match_a_direct_computation(walk, tiny_hub: HubCache) -> None:
+    """The step-2 row's cross-entropy equals F.cross_entropy of that revision on the same eval windows."""
+    from ce_dynamics.config import load_config
+    from ce_dynamics.training import build_datamodule, build_module, build_tokenizer
+
+    code, out = walk
+    row = next(r for r in read_results(out / "results.jsonl") if r["step"] == 2 and r["dataset"] == "prose")
+    cfg = load_config(["mode=replay", *SMALL, "data.eval_sets=[prose]"])
+    with offline_hub(tiny_hub.root):
+        tokenizer = build_tokenizer(cfg, hub_id=tiny_hub.hub_id, revision="step2")
+        module = build_module(cfg, hub_id=tiny_hub.hub_id, revision="step2")
+    datamodule = build_datamodule(cfg, tokenizer)
+    datamodule.setup("validate")
+    ids = datamodule.eval_sets["prose"].windows
+    with torch.no_grad():
+        logits = module.model(input_ids=ids).logits[:, :-1].double()
+    direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert row["cross_entropy"] == pytest.approx(direct, abs=1e-5)
+
+
+def test_arrays_hold_the_state_behind_each_row(walk, tiny_hub: HubCache) -> None:
+    code, out = walk
+    arrays = out / model_slug(tiny_hub.hub_id) / "arrays"
+    for row in read_results(out / "results.jsonl"):
+        with np.load(arrays / row["dataset"] / f"step_{row['step']}.npz") as data:
+            numbers = decomposition_from_state(torch.from_numpy(data["rank_counts"]),
+                                               torch.from_numpy(data["rank_log_score_sum"]))
+            assert len(data["rank_counts"]) == tiny_hub.vocab_size  # the padded logit width, not the tokenizer's
+        for key in KEYS:
+            assert float(numbers[key]) == pytest.approx(row[key], rel=1e-12, abs=1e-12)
+
+
+def test_wandb_logs_each_revision_at_its_training_step(walk, tiny_hub: HubCache) -> None:
+    code, out = walk
+    history = wandb_history(out / model_slug(tiny_hub.hub_id))
+    assert {h["trainer/global_step"] for h in history} == {0, 2, 4}
+    decomp = [h for h in history if "decomp/code/cross_entropy" in h]
+    assert [h["trainer/global_step"] for h in decomp] == [0, 2, 4]
+    # Lightning's own validation metrics land at the checkpoint's step too, not at trainer.global_step 0.
+    assert [h["trainer/global_step"] for h in history if "val/loss/code" in h] == [0, 2, 4]
+    rows = {r["step"]: r for r in read_results(out / "results.jsonl") if r["dataset"] == "code"}
+    for h in decomp:
+        for key in KEYS:
+            assert h[f"decomp/code/{key}"] == pytest.approx(rows[h["trainer/global_step"]][key], rel=1e-12)
+
+
+def test_missing_revision_and_model_are_reported_and_the_walk_goes_on(tiny_hub: HubCache, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    with offline_hub(tiny_hub.root):
+        code = replay(out, *hub_args(tiny_hub, "[3,4]", f"[{tiny_hub.hub_id},ce-dynamics-test/absent]"))
+    err = capfd.readouterr().err
+    assert code == 1
+    rows = read_results(out / "results.jsonl")
+    assert [(r["model"], r["step"]) for r in rows] == [(tiny_hub.hub_id, 4)] * 2
+    summary = err[err.index("replay: failed:"):]
+    assert summary.count("\n  - ") == 3
+    for model, revision in ((tiny_hub.hub_id, "step3"), ("ce-dynamics-test/absent", "step3"),
+                            ("ce-dynamics-test/absent", "step4")):
+        assert f"hub id '{model}', revision '{revision}', cache {tiny_hub.root}" in summary
+    assert "cached refs: main, step0, step2, step4" in summary
+
+
+def test_resume_after_a_broken_revision_does_only_the_missing_work(tiny_hub: HubCache, tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    cache = tmp_path / "hub"
+    shutil.copytree(tiny_hub.root, cache, symlinks=True)
+    weights = cache / tiny_hub.repo_dir.name / "snapshots" / tiny_hub.commits[2] / "model.safetensors"
+    target = os.readlink(weights)
+    weights.unlink()
+    weights.write_bytes(b"not a safetensors file")  # a truncated download
+    out = tmp_path / "out"
+    with offline_hub(cache):
+        assert replay(out, *hub_args(tiny_hub)) == 1
+        first = read_results(out / "results.jsonl")
+        assert [r["step"] for r in first] == [0, 0, 4, 4]
+        assert "revision 'step2'" in capfd.readouterr().err
+
+        weights.unlink()
+        weights.symlink_to(target)  # repaired
+        assert replay(out, *hub_args(tiny_hub)) == 0
+    err = capfd.readouterr().err
+    assert "1 checkpoint(s) evaluated, 2 already in" in err
+    rows = read_results(out / "results.jsonl")
+    assert rows[:4] == first
+    assert [(r["step"], r["dataset"]) for r in rows[4:]] == [(2, "code"), (2, "prose")]
+    model_dir = out / model_slug(tiny_hub.hub_id)
+    run_ids = {p.name.rsplit("-", 1)[1] for p in model_dir.glob("wandb/offline-run-*")}
+    assert len(run_ids) == 1 and len(list(model_dir.glob("wandb/offline-run-*"))) == 2  # one run, resumed
+    steps = [h["trainer/global_step"] for h in wandb_history(model_dir) if "decomp/code/cross_entropy" in h]
+    assert sorted(steps) == [0, 2, 4]  # no step logged twice
+
+
+def test_bfloat16_replay_is_close_to_float32(walk, tiny_hub: HubCache, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with offline_hub(tiny_hub.root):
+        assert replay(out, *hub_args(tiny_hub, "[4]"), "replay.dtype=bfloat16", "data.eval_sets=[code]") == 0
+    (row,) = read_results(out / "results.jsonl")
+    check_row(row)
+    fp32 = next(r for r in read_results(walk[1] / "results.jsonl") if r["step"] == 4 and r["dataset"] == "code")
+    assert row["cross_entropy"] == pytest.approx(fp32["cross_entropy"], abs=0.05)
+    assert row["cross_entropy"] != fp32["cross_entropy"]  # bf16 logits really were used
+
+
+def test_replay_at_pythia_logit_width(tmp_path: Path) -> None:
+    """50304 logits (Pythia's padded width) take the metric's multi-threaded CPU path inside Lightning's
+    inference mode; a random-init model scores about log(50304)."""
+    from hub_cache import build_hub_cache
+
+    hub = build_hub_cache(tmp_path / "hub", hub_id="ce-dynamics-test/wide-neox", steps=(0,), vocab_size=50304)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with offline_hub(hub.root):
+            assert replay(tmp_path / "out", *hub_args(hub, "[0]"), "data.eval_sets=[code]",
+                          "logger.wandb.mode=disabled") == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = read_results(tmp_path / "out" / "results.jsonl")
+    check_row(row)
+    assert row["cross_entropy"] == pytest.approx(math.log(50304), abs=0.5)
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A train.py run's checkpoints: 2 steps, its last.ckpt kept as a copy, then resumed to 4 steps."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    args = [f"output_dir={out}", f"data.cache_dir={out.parent / 'tok_cache'}", *SMALL, "model.vocab_size=320",
+            "model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
+            "data.train.max_chars=60000", "data.tokenizer_train_chars=60000", "trainer.val_check_interval=2",
+            "logger.wandb.mode=disabled"]
+    assert train.main([*args, "trainer.max_steps=2"]) == 0
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "checkpoints" / "after-2-steps.ckpt")
+    assert train.main([*args, "trainer.max_steps=4", "ckpt_path=last"]) == 0
+    return out
+
+
+def test_replay_walks_a_training_runs_own_checkpoints(training_run: Path, tmp_path: Path) -> None:
+    ckpts = training_run / "checkpoints"
+    steps = sorted({torch.load(p, map_location="cpu", weights_only=False)["global_step"] for p in ckpts.glob("*.ckpt")})
+    assert steps[-2:] == [2, 4]
+    out = tmp_path / "out"
+    args = ["experiment=tiny", f"replay.checkpoints={ckpts}", "model.vocab_size=320",
+            "data.tokenizer_train_chars=60000", f"data.cache_dir={training_run.parent / 'tok_cache'}"]
+    assert train.main(["mode=replay", f"output_dir={out}", *SMALL, *args]) == 0
+    rows = read_results(out / "results.jsonl")
+    assert [(r["step"], r["dataset"]) for r in rows] == [(s, d) for s in steps for d in ("code", "prose")]
+    for row in rows:
+        check_row(row)
+        assert row["model"] == str(ckpts.resolve())
+    history = wandb_history(out / model_slug(str(ckpts.resolve())))
+    assert sorted(h["trainer/global_step"] for h in history if "decomp/code/cross_entropy" in h) == steps
+    assert train.main(["mode=replay", f"output_dir={out}", *SMALL, *args]) == 0  # all done: nothing to redo
+    assert len(read_results(out / "results.jsonl")) == len(rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay.models=[a/b]", "replay.revisions=[main]"], "replay.revisions entries must be training steps"),
+    (["replay.checkpoints=/nonexistent/dir"], "is not a directory"),
+    (["replay.models=[]"], "nothing to replay"),
+])
+def test_bad_replay_config_exits_2_with_a_clear_message(args: list[str], message: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    assert replay(tmp_path / "out", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_results_file_appends_atomically_and_rejects_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    row = {key: 0.5 for key in RESULT_FIELDS} | {"model": "a/b", "revision": "step1", "step": 1, "dataset": "code"}
+    append_result_row(path, row)
+    append_result_rows(path, [row | {"dataset": "prose"}])
+    assert [r["dataset"] for r in read_results(path)] == ["code", "prose"]
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="missing \\['num_tokens'\\]"):
+        append_result_row(path, {k: v for k, v in row.items() if k != "num_tokens"})
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["results.jsonl"]  # no temp file left behind
+    path.write_text(before.decode() + "{half a row")
+    with pytest.raises(ValueError, match="results.jsonl:3"):
+        read_results(path)
