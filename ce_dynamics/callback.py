@@ -7,7 +7,6 @@ Contract with the LightningModule: `validation_step` returns a mapping with `"lo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from ce_dynamics.files import atomic_open
 from ce_dynamics.functional import KEYS, decomposition_from_state
 from ce_dynamics.metric import CrossEntropyDecomposition
 
@@ -176,12 +176,5 @@ class CEDecompositionCallback(Callback):
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path) as handle:
+        np.savez(handle, **arrays)

@@ -18,7 +18,6 @@ import os
 import random
 import sys
 import sysconfig
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ce_dynamics.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | 
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        tok.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tok.save(str(tmp))
         log.info("trained BPE tokenizer (%d tokens) -> %s", tok.get_vocab_size(), path)
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS, model_max_length=sys.maxsize)
 

@@ -12,14 +12,13 @@ inline in notebooks.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from ce_dynamics.files import atomic_path
 from ce_dynamics.scaling import (
     ALL_GROUP,
     COMPONENTS,
@@ -205,14 +204,8 @@ def save_scaling_figures(
 def save_figure(fig: Figure, path: str | Path, dpi: int = 130) -> Path:
     """Save a figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

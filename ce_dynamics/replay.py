@@ -16,80 +16,26 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, read_results
 from ce_dynamics.functional import KEYS
 
 __all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
 
 log = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("model", "revision", "step", "dataset", "num_tokens", "non_embedding_params", *KEYS)
 _PRECISION = {"float32": "32-true", "bfloat16": "bf16-true"}
-
-
-# ------------------------------------------------------------------------------------------ results file
-
-
-def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a `results.jsonl` (one JSON object per line); [] when the file does not exist yet."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            message = f"{path}:{lineno}: not a JSON line ({err.msg}); expected one result row per line"
-            raise ValueError(message) from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def append_result_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Append `rows` to a JSON-lines file atomically: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    for row in rows:
-        missing = [k for k in RESULT_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"result row is missing {missing}; every row needs {list(RESULT_FIELDS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    new = "".join(json.dumps(dict(row)) + "\n" for row in rows).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(old + new)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def append_result_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
-    """Append one row atomically (see `append_result_rows`)."""
-    append_result_rows(path, [row])
 
 
 # ------------------------------------------------------------------------------------------------ plan

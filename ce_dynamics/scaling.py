@@ -11,7 +11,6 @@ scaling figures (paper figs. 7 and 8) as PNG next to the results.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ce_dynamics.files import ResultsError, iter_result_rows
 
 __all__ = [
     "COMPONENTS",
@@ -54,10 +55,6 @@ REQUIRED_FIELDS = ("model", "dataset", "non_embedding_params", *COMPONENTS)
 _KNOWN_FAMILIES = ("pythia", "gpt2", "opt", "qwen", "llama", "mistral", "bloom", "olmo", "gemma", "falcon", "phi")
 
 
-class ResultsError(ValueError):
-    """A results file or arrays folder that cannot be analysed; the message says what and where."""
-
-
 def load_results(path: str | Path) -> list[dict]:
     """Read a ``results.jsonl`` (one JSON object per line, DESIGN.md rows) and check every row.
 
@@ -69,16 +66,8 @@ def load_results(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ResultsError(f"results file not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in iter_result_rows(path):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ResultsError(f"{where}: not a valid JSON line ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ResultsError(f"{where}: expected a JSON object, got {type(row).__name__}")
         missing = [k for k in REQUIRED_FIELDS if k not in row]
         if missing:
             raise ResultsError(f"{where}: missing field(s) {missing}; every row needs {list(REQUIRED_FIELDS)}")

@@ -79,7 +79,7 @@ def run_tiny_scaling(argv: Sequence[str] = (), sizes: Sequence[tuple[int, int]] 
     results file are not written again.
     """
     from ce_dynamics.config import load_config
-    from ce_dynamics.replay import append_result_rows, read_results
+    from ce_dynamics.files import append_result_rows, read_results
     from ce_dynamics.training import run_training
 
     path = Path(load_config(["experiment=tiny_scaling", *argv]).output_dir) / "results.jsonl"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ce_dynamics.callback import CEDecompositionCallback
 from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
+from ce_dynamics.files import atomic_open
 from ce_dynamics.module import CausalLMModule
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,8 @@ def _wandb_run_id(output_dir: Path, run_name: str) -> str:
     ids = json.loads(path.read_text()) if path.exists() else {}
     if run_name not in ids:
         ids[run_name] = uuid.uuid4().hex[:12]
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ids, indent=1))
-        os.replace(tmp, path)
+        with atomic_open(path, "w") as handle:
+            handle.write(json.dumps(ids, indent=1))
     return ids[run_name]
 
 

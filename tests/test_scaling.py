@@ -222,7 +222,7 @@ def test_load_results_reads_rows_and_points_at_bad_lines(tmp_path: Path) -> None
     assert load_results(good) == rows
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(ResultsError, match=r"bad.jsonl:2: not a valid JSON line"):
+    with pytest.raises(ResultsError, match=r"bad.jsonl:2: not a JSON line"):
         load_results(bad)
 
 
@@ -260,7 +260,7 @@ def _bad_results(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "too_few": (_write(tmp_path / "few.jsonl", rows[:4]), "too few models"),
         "missing": (_write(tmp_path / "missing.jsonl", missing), "missing field(s) ['error_entropy']"),
         "non_positive": (_write(tmp_path / "zero.jsonl", zero), "non_embedding_params must be a positive number"),
-        "not_json": (_write(tmp_path / "text.jsonl", rows[:1]).parent / "text.jsonl", "not a valid JSON line"),
+        "not_json": (_write(tmp_path / "text.jsonl", rows[:1]).parent / "text.jsonl", "not a JSON line"),
         "absent": (tmp_path / "nope.jsonl", "results file not found"),
         "empty": (_write(tmp_path / "empty.jsonl", []), "no result rows"),
     }

@@ -1,0 +1,87 @@
+"""Output files that survive crashes: atomic writes, and the rows of ``results.jsonl`` (DESIGN.md).
+
+Everything this package writes for later (arrays, results, figures, tokenizers, run ids) goes through
+:func:`atomic_path`: a temporary file in the same folder, renamed over the target only once it is complete,
+so a crash leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from ce_dynamics.functional import KEYS
+
+RESULT_FIELDS = ("model", "revision", "step", "dataset", "num_tokens", "non_embedding_params", *KEYS)
+
+
+class ResultsError(ValueError):
+    """A results file or arrays folder that cannot be read; the message says what and where."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """``open`` for writing that lands atomically (see :func:`atomic_path`), flushed to disk first."""
+    with atomic_path(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def iter_result_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` for each JSON object line of a results file; ``ResultsError`` on a bad line."""
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ResultsError(f"{path}:{lineno}: not a JSON line ({err.msg}); expected one result row per line") from None
+        if not isinstance(row, dict):
+            raise ResultsError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``results.jsonl``; ``[]`` when the file does not exist yet."""
+    return [row for _, row in iter_result_rows(path)] if Path(path).exists() else []
+
+
+def append_result_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append ``rows`` to a JSON-lines file atomically: a crash leaves the old file or the new one, never half."""
+    for row in rows:
+        missing = [k for k in RESULT_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"result row is missing {missing}; every row needs {list(RESULT_FIELDS)}")
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    with atomic_open(path) as handle:
+        handle.write(old + "".join(json.dumps(dict(row)) + "\n" for row in rows).encode())
+
+
+def append_result_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+    """Append one row atomically (see :func:`append_result_rows`)."""
+    append_result_rows(path, [row])
