@@ -3,6 +3,7 @@
     python train.py                                  # the `tiny` experiment, a few minutes on CPU
     python train.py experiment=pythia160m trainer.devices=8
     python train.py experiment=pythia160m mode=replay
+    python train.py experiment=tiny_scaling          # a family of sizes, then the scaling tables and figures
     python train.py trainer.max_steps=400 data.batch_size=8 logger.wandb.mode=online
     python train.py ckpt_path=last                   # resume from output_dir/checkpoints/last.ckpt
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from ce_dynamics.replay import run_replay
 
         return run_replay(cfg)
+    if cfg.mode == "sweep":
+        from ce_dynamics.sweep import run_sweep
+
+        return run_sweep(sys.argv[1:] if argv is None else argv)
     from ce_dynamics.training import run_training
 
     return run_training(cfg)

@@ -78,8 +78,10 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.mode not in ("train", "replay"):
-        raise ConfigError(f"mode must be 'train' or 'replay', got '{cfg.mode}'")
+    if cfg.mode not in ("train", "replay", "sweep"):
+        raise ConfigError(f"mode must be 'train', 'replay' or 'sweep', got '{cfg.mode}'")
+    if cfg.mode == "sweep" and not cfg.sweep.sizes:
+        raise ConfigError("mode=sweep needs sweep.sizes=[[hidden_size,num_hidden_layers],...] (e.g. experiment=tiny_scaling)")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got '{cfg.logger.wandb.mode}'")
     if cfg.replay.dtype not in ("float32", "bfloat16"):

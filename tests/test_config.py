@@ -64,7 +64,8 @@ def test_new_eval_sets_can_be_added_to_the_catalog():
         (["data.eval_sets=[wiki]"], "unknown \\['wiki'\\], available: code, prose, wikipedia"),
         (["logger.wandb.mode=maybe"], "offline, online or disabled"),
         (["data.seq_len=1"], "data.seq_len must be"),
-        (["mode=serve"], "mode must be 'train' or 'replay'"),
+        (["mode=serve"], "mode must be 'train', 'replay' or 'sweep'"),
+        (["mode=sweep"], r"mode=sweep needs sweep.sizes"),
     ],
 )
 def test_bad_input_names_what_exists(argv, message):

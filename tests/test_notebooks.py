@@ -65,12 +65,12 @@ def replay_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def scaling_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """results.jsonl of a real tiny `tiny_scaling` sweep: three model sizes, final rows per eval set."""
-    from ce_dynamics.tiny_scaling import run_tiny_scaling
+    from ce_dynamics.sweep import run_sweep_rows
 
     out = tmp_path_factory.mktemp("scaling") / "sweep"
     argv = [a for a in _tiny_overrides(out) if not a.startswith(("model.hidden_size", "model.num_hidden_layers",
                                                                   "model.intermediate_size"))]
-    return run_tiny_scaling(argv, sizes=SCALING_SIZES)
+    return run_sweep_rows(argv, sizes=SCALING_SIZES)
 
 
 def _execute(name: str, **parameters) -> nbformat.NotebookNode:

@@ -1,18 +1,17 @@
-"""Train a family of tiny GPT-NeoX models of geometrically spaced size on CPU and write a scaling results file.
+"""mode=sweep: train one model per size with the same config, then compare the final models (paper sec. 4).
 
-    python -m ce_dynamics.tiny_scaling                       # 5 sizes, experiment=tiny_scaling
-    python -m ce_dynamics.tiny_scaling trainer.max_steps=100 # any override applies to every member
-    python -m ce_dynamics.scaling outputs/tiny_scaling/train/results.jsonl
+    python train.py experiment=tiny_scaling                        # 5 tiny GPT-NeoX sizes on CPU
+    python train.py experiment=tiny_scaling trainer.max_steps=400  # any override applies to every member
+    python -m ce_dynamics.scaling outputs/tiny_scaling/sweep/results.jsonl
 
-Every member uses `configs/experiment/tiny_scaling.yaml` (same tokenizer, data, token budget and schedule) with
-its own shape, is trained by `ce_dynamics.training.run_training` into `output_dir/<member>/`, and its final
-validation state (`arrays/<dataset>/step_<max_steps>.npz`) becomes one row per dataset of
-`output_dir/results.jsonl`, written with the replay's row writer. A rerun resumes (see `run_tiny_scaling`).
+Every member uses the experiment's config (same tokenizer, data, token budget and schedule) with its own
+(hidden_size, num_hidden_layers) from `sweep.sizes`, is trained by `ce_dynamics.training.run_training` into
+`output_dir/<member>/`, and its final validation state (`arrays/<dataset>/step_<max_steps>.npz`) becomes one row
+per dataset of `output_dir/results.jsonl`. A rerun resumes (see `run_sweep_rows`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from omegaconf import DictConfig
 from ce_dynamics.functional import KEYS
 
 FAMILY = "tiny-neox"
-# (hidden_size, num_hidden_layers): non-embedding parameters grow ~2.5x per member (about 25k to 1.5M).
-SIZES: tuple[tuple[int, int], ...] = ((32, 2), (48, 3), (80, 3), (128, 3), (160, 5))
 
 
 def member_name(hidden: int, layers: int) -> str:
@@ -31,13 +28,13 @@ def member_name(hidden: int, layers: int) -> str:
 
 
 def member_config(argv: Sequence[str], hidden: int, layers: int) -> DictConfig:
-    """`experiment=tiny_scaling` + the user's overrides + this member's shape and output folder."""
+    """The sweep's config (the user's arguments) with this member's shape and output folder, in mode=train."""
     from ce_dynamics.config import load_config
 
     base = load_config(["experiment=tiny_scaling", *argv])
     heads = 4 if hidden % 4 == 0 else 2
     return load_config([
-        "experiment=tiny_scaling", *argv,
+        "experiment=tiny_scaling", *argv, "mode=train",
         f"model.hidden_size={hidden}", f"model.num_hidden_layers={layers}", f"model.num_attention_heads={heads}",
         f"model.intermediate_size={4 * hidden}", f"output_dir={Path(base.output_dir) / member_name(hidden, layers)}",
     ])
@@ -72,8 +69,10 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
     return rows
 
 
-def run_tiny_scaling(argv: Sequence[str] = (), sizes: Sequence[tuple[int, int]] = SIZES) -> Path:
+def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | None = None) -> Path:
     """Train (or reuse) every member and add its final rows to ``output_dir/results.jsonl``; returns its path.
+
+    ``sizes`` defaults to the config's ``sweep.sizes`` (``[[hidden_size, num_hidden_layers], ...]``).
 
     Like a replay, a rerun resumes: members with final arrays are not retrained and rows already in the
     results file are not written again.
@@ -82,7 +81,9 @@ def run_tiny_scaling(argv: Sequence[str] = (), sizes: Sequence[tuple[int, int]] 
     from ce_dynamics.files import append_result_rows, read_results
     from ce_dynamics.training import run_training
 
-    path = Path(load_config(["experiment=tiny_scaling", *argv]).output_dir) / "results.jsonl"
+    base = load_config(["experiment=tiny_scaling", *argv])
+    path = Path(base.output_dir) / "results.jsonl"
+    sizes = [tuple(size) for size in (base.sweep.sizes if sizes is None else sizes)]
     done = {(r.get("model"), r.get("revision"), r.get("dataset")) for r in read_results(path)}
     for hidden, layers in sizes:
         cfg = member_config(argv, hidden, layers)
@@ -98,20 +99,10 @@ def run_tiny_scaling(argv: Sequence[str] = (), sizes: Sequence[tuple[int, int]] 
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train the family, then print the scaling tables and write the figures next to the results."""
+def run_sweep(argv: Sequence[str]) -> int:
+    """Train the family, then print the scaling tables and write the figures next to the results (train.py)."""
     from ce_dynamics import scaling
-    from ce_dynamics.config import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path = run_tiny_scaling(argv)
-    except ConfigError as err:
-        print(f"tiny_scaling: config error: {err}", file=sys.stderr)
-        return 2
+    path = run_sweep_rows(argv)
     print(f"wrote {path}")
     return scaling.main([str(path)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
