@@ -77,8 +77,8 @@ def _draw_p_e_q_e(ax: Axes, p: np.ndarray, q: np.ndarray) -> list:
 
     seen = np.flatnonzero(p > 0)
     lines = [
-        ax.plot(seen + 1, p[seen], "o-", ms=2.5, lw=0.8, alpha=0.85, label="p_e (rank distribution)")[0],
-        ax.plot(seen + 1, q[seen], "s-", ms=2.5, lw=0.8, alpha=0.85, label="q_e (normalized score)")[0],
+        ax.plot(seen + 1, p[seen], "o-", ms=2.5, lw=0.8, alpha=0.85, markevery=0.01, label="p_e (rank distribution)")[0],
+        ax.plot(seen + 1, q[seen], "s-", ms=2.5, lw=0.8, alpha=0.85, markevery=0.01, label="q_e (normalized score)")[0],
     ]
     ax.set_xscale("log")
     ax.set_yscale("log")
