@@ -184,11 +184,11 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
     return ranks, log_scores.to(torch.float64)
 
 
-def accumulate_state(ranks: Tensor, log_scores: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """Per-rank token counts (int64 ``[V]``) and log-score sums (float64 ``[V]``) of one batch."""
-    counts = torch.bincount(ranks, minlength=vocab_size)
-    sums = torch.zeros(vocab_size, dtype=torch.float64, device=ranks.device).index_add_(0, ranks, log_scores)
-    return counts, sums
+def accumulate_state(ranks: Tensor, log_scores: Tensor, rank_counts: Tensor, rank_log_score_sum: Tensor) -> None:
+    """Add a batch's ranks and log-scores into per-rank state, in place: ``rank_counts`` (int64 ``[V]``)
+    and ``rank_log_score_sum`` (float64 ``[V]``). No temporary of size ``V``."""
+    rank_counts.index_add_(0, ranks, torch.ones_like(ranks))
+    rank_log_score_sum.index_add_(0, ranks, log_scores)
 
 
 def decomposition_from_state(rank_counts: Tensor, rank_log_score_sum: Tensor) -> dict[str, Tensor]:
@@ -254,4 +254,7 @@ def decomposition_from_state(rank_counts: Tensor, rank_log_score_sum: Tensor) ->
 def cross_entropy_decomposition(logits: Tensor, target: Tensor, ignore_index: int = -100) -> dict[str, Tensor]:
     """The decomposition of one batch, with no state: see :func:`decomposition_from_state`."""
     ranks, log_scores = token_ranks_and_log_scores(logits, target, ignore_index)
-    return decomposition_from_state(*accumulate_state(ranks, log_scores, logits.shape[-1]))
+    rank_counts = torch.zeros(logits.shape[-1], dtype=torch.int64, device=ranks.device)
+    rank_log_score_sum = torch.zeros(logits.shape[-1], dtype=torch.float64, device=ranks.device)
+    accumulate_state(ranks, log_scores, rank_counts, rank_log_score_sum)
+    return decomposition_from_state(rank_counts, rank_log_score_sum)

@@ -70,11 +70,8 @@ class CrossEntropyDecomposition(Metric):
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
         ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index)
-        if ranks.numel() == 0:
-            return
-        counts, sums = accumulate_state(ranks.to(self.rank_counts.device), log_scores.to(self.rank_counts.device), self.vocab_size)
-        self.rank_counts += counts
-        self.rank_log_score_sum += sums
+        device = self.rank_counts.device
+        accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
 
     def compute(self) -> dict[str, Tensor]:
         """The decomposition of everything accumulated (NaNs, with a warning, before any token)."""

@@ -147,12 +147,3 @@ class PEQERenderer:
         self._title.set_text(title)
         self._fig.draw_artist(self._title)
         return np.array(self._canvas.buffer_rgba())[..., :3]
-
-
-def figure_to_rgb(fig: Figure) -> np.ndarray:
-    """Render a figure to an ``[H, W, 3]`` uint8 array (Agg), e.g. for ``wandb.Image``, without pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.array(canvas.buffer_rgba())[..., :3]

@@ -233,7 +233,8 @@ def test_decomposition_from_state_validates_its_input():
 
 def test_decomposition_from_numpy_state_and_p_q_are_distributions():
     logits, target = _batch(seed=10)
-    counts, sums = accumulate_state(*token_ranks_and_log_scores(logits, target), 61)
+    counts, sums = torch.zeros(61, dtype=torch.int64), torch.zeros(61, dtype=torch.float64)
+    accumulate_state(*token_ranks_and_log_scores(logits, target), counts, sums)
     result = decomposition_from_state(counts.numpy(), sums.numpy())
     assert math.isclose(float(result["p_e"].sum()), 1.0, rel_tol=1e-12)
     assert math.isclose(float(result["q_e"].sum()), 1.0, rel_tol=1e-12)
