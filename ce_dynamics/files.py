@@ -68,6 +68,11 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [row for _, row in iter_result_rows(path)] if Path(path).exists() else []
 
 
+def done_keys(path: str | os.PathLike) -> set[tuple[Any, Any, Any]]:
+    """The ``(model, revision, dataset)`` of every row already in a results file: what a rerun skips."""
+    return {(row.get("model"), row.get("revision"), row.get("dataset")) for row in read_results(path)}
+
+
 def append_result_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     """Append ``rows`` to a JSON-lines file atomically: a crash leaves the old file or the new one, never half."""
     for row in rows:

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, read_results
+from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results
 from ce_dynamics.functional import KEYS
 
 __all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
@@ -242,7 +242,7 @@ def run_replay(cfg: DictConfig) -> int:
         return 2
     out = Path(cfg.output_dir)
     results_path = out / "results.jsonl"
-    done = {(r.get("model"), r.get("revision"), r.get("dataset")) for r in read_results(results_path)}
+    done = done_keys(results_path)
     eval_sets = list(cfg.data.eval_sets)
     failures: list[Failure] = []
     walks: dict[str, _ModelWalk] = {}

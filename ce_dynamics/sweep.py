@@ -78,13 +78,13 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
     results file are not written again.
     """
     from ce_dynamics.config import load_config
-    from ce_dynamics.files import append_result_rows, read_results
+    from ce_dynamics.files import append_result_rows, done_keys
     from ce_dynamics.training import run_training
 
     base = load_config(["experiment=tiny_scaling", *argv])
     path = Path(base.output_dir) / "results.jsonl"
     sizes = [tuple(size) for size in (base.sweep.sizes if sizes is None else sizes)]
-    done = {(r.get("model"), r.get("revision"), r.get("dataset")) for r in read_results(path)}
+    done = done_keys(path)
     for hidden, layers in sizes:
         cfg = member_config(argv, hidden, layers)
         final = Path(cfg.output_dir) / "arrays" / cfg.data.eval_sets[0] / f"step_{cfg.trainer.max_steps}.npz"
