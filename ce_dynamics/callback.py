@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_dynamics.files import atomic_open
 from ce_dynamics.functional import KEYS, decomposition_from_state
@@ -35,6 +36,14 @@ class CEDecompositionCallback(Callback):
         log_histograms: with a `WandbLogger`, also log the histograms and the image.
         max_buckets: number of log-spaced rank buckets of the histograms (W&B allows at most 512).
         save_arrays: write the `.npz` files.
+        background_media: build the W&B histograms and image in a background thread, off the validation's
+            critical path; the W&B row (scalars and media, at the validation's step) is then logged from the
+            main thread as soon as they are ready: at a later training batch, the next validation, or teardown.
+            False: build and log them before the validation ends.
+        overlap_updates: update the metric in a background thread while the next batch's forward runs, so
+            validation does not wait for it (one extra batch of logits stays alive). None: only for CPU logits
+            when torch uses fewer threads than this process may run on (a spare core; an update competing with
+            torch's own threads would slow both). Errors surface at the next batch or the end of validation.
 
     Attributes:
         step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
@@ -43,7 +52,8 @@ class CEDecompositionCallback(Callback):
 
     def __init__(self, output_dir: str | os.PathLike | None = None, dataset_names: Sequence[str] | None = None,
                  ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
-                 save_arrays: bool = True) -> None:
+                 save_arrays: bool = True, background_media: bool = True,
+                 overlap_updates: bool | None = None) -> None:
         if not 1 <= max_buckets <= 512:
             raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -52,7 +62,12 @@ class CEDecompositionCallback(Callback):
         self.log_histograms = log_histograms
         self.max_buckets = max_buckets
         self.save_arrays = save_arrays
+        self.background_media = background_media
+        self.overlap_updates = overlap_updates
         self._renderers: dict[str, Any] = {}  # per eval set: PEQERenderer, which caches the figure's background
+        self._worker: ThreadPoolExecutor | None = None  # one thread, so updates and media run in order
+        self._pending_update: Future | None = None
+        self._pending_row: tuple[Any, dict[str, Any], Future] | None = None  # (W&B run, scalars, media future)
         self.step: int | None = None
         self.last_results: dict[str, dict[str, float]] = {}
         self._metrics: dict[int, CrossEntropyDecomposition] = {}
@@ -61,6 +76,7 @@ class CEDecompositionCallback(Callback):
     # ------------------------------------------------------------------------------------------- hooks
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish_update()
         for metric in self._metrics.values():
             metric.reset()
 
@@ -79,11 +95,23 @@ class CEDecompositionCallback(Callback):
         if metric is None:
             metric = self._new_metric(logits.shape[-1], logits.device)
             self._metrics[dataloader_idx] = metric
-        metric.update(logits, outputs["labels"].detach())
+        labels = outputs["labels"].detach()
+        self._finish_update()
+        if metric.num_threads != 1 or not self._overlap(logits.device):
+            metric.update(logits, labels)
+            return
+        inference = torch.is_inference_mode_enabled()  # thread-local: the worker runs in the caller's mode
+
+        def update() -> None:
+            with torch.inference_mode(inference):
+                metric.update(logits, labels)
+
+        self._pending_update = self._background().submit(update)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._finish_update()
         self._same_metrics_on_every_rank(trainer, pl_module)
         names = self._names(trainer)
         states, results = {}, {}
@@ -110,6 +138,28 @@ class CEDecompositionCallback(Callback):
         if self.step is None:
             self._last_logged_step = step
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._log_pending_row(wait=False)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._finish_update()
+        self._log_pending_row(wait=True)
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:  # the run is ending anyway: keep the last validation's row if it can be had, never mask the error
+            self._pending_update = None
+            self._log_pending_row(wait=True)
+        except Exception as err:  # noqa: BLE001
+            rank_zero_warn(f"CEDecompositionCallback: the last validation's W&B media were lost: {err!r}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a thread pool and a W&B run do not pickle (ddp_spawn, deepcopy): a copy starts without them
+        return {**self.__dict__, "_worker": None, "_pending_update": None, "_pending_row": None, "_renderers": {}}
+
     def state_dict(self) -> dict[str, Any]:
         return {"last_logged_step": self._last_logged_step}
 
@@ -118,8 +168,27 @@ class CEDecompositionCallback(Callback):
 
     # ----------------------------------------------------------------------------------------- helpers
 
+    def _background(self) -> ThreadPoolExecutor:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ce_dynamics_callback")
+        return self._worker
+
+    def _overlap(self, device: torch.device) -> bool:
+        """Whether updates on `device` run in the background thread (then on one CPU thread)."""
+        if self.overlap_updates is not None:
+            return self.overlap_updates
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return torch.device(device).type == "cpu" and torch.get_num_threads() < cores
+
+    def _finish_update(self) -> None:
+        """Wait for the update running in the background; its error, if any, is raised here."""
+        pending, self._pending_update = self._pending_update, None
+        if pending is not None:
+            pending.result()
+
     def _new_metric(self, vocab_size: int, device: torch.device) -> CrossEntropyDecomposition:
-        return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index).to(device)
+        threads = 1 if self._overlap(device) else None  # beside torch's own threads, take one core, no more
+        return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads).to(device)
 
     def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A rank that saw no batch of some dataloader still has to join that metric's sync."""
@@ -149,18 +218,35 @@ class CEDecompositionCallback(Callback):
         scalars = {f"decomp/{name}/{key}": float(out[key]) for name, out in results.items() for key in KEYS}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and self.log_histograms:
-                logger.experiment.log({**scalars, **self._wandb_media(results, step), "trainer/global_step": step})
+                self._log_wandb_row(logger.experiment, {**scalars, "trainer/global_step": step}, results, step)
             else:
                 logger.log_metrics(scalars, step=step)
 
-    def _wandb_media(self, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> dict[str, Any]:
+    def _log_wandb_row(self, run: Any, scalars: dict[str, Any], results: Mapping[str, Mapping[str, torch.Tensor]],
+                       step: int) -> None:
+        """One W&B row: the scalars with the p_e/q_e histograms and image of the same step."""
+        self._log_pending_row(wait=True)  # rows stay in step order, at most one in flight
+        distributions = {name: (out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()) for name, out in results.items()}
+        if not self.background_media:
+            run.log({**scalars, **self._wandb_media(distributions, step)})
+            return
+        self._pending_row = (run, scalars, self._background().submit(self._wandb_media, distributions, step))
+
+    def _log_pending_row(self, wait: bool) -> None:
+        """Log the row whose media the background thread built (W&B calls stay on the main thread)."""
+        if self._pending_row is None or (not wait and not self._pending_row[2].done()):
+            return
+        run, scalars, media = self._pending_row
+        self._pending_row = None
+        run.log({**scalars, **media.result()})
+
+    def _wandb_media(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
         import wandb
 
         from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
 
         media: dict[str, Any] = {}
-        for name, out in results.items():
-            p_e, q_e = out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()
+        for name, (p_e, q_e) in distributions.items():
             edges = rank_bucket_edges(len(p_e), self.max_buckets)
             for key, values in (("p_e", p_e), ("q_e", q_e)):
                 media[f"decomp/{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))

@@ -91,12 +91,15 @@ def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: in
         torch.set_num_threads(threads)
 
 
-def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int = -100,
+                               num_threads: int | None = None) -> tuple[Tensor, Tensor]:
     """Rank and log-score of the right token at every non-ignored position, flattened.
 
     Args:
         logits: ``[..., V]`` float (fp16, bf16, fp32, fp64); any layout.
         target: ``[...]`` integer, aligned with ``logits``; ``ignore_index`` positions are skipped.
+        num_threads: CPU worker threads; None: ``torch.get_num_threads()``. 1 runs in the calling thread and
+            leaves torch's thread setting alone (safe from a thread running beside torch's own work).
 
     Returns:
         ``ranks`` (int64 ``[M]``): ``#{v : z_v > z_target}``, and ``log_scores`` (float64 ``[M]``):
@@ -167,7 +170,7 @@ def token_ranks_and_log_scores(logits: Tensor, target: Tensor, ignore_index: int
             torch.log_softmax(chunk, 1, out=w)  # one fused pass: max, sum of exp, z - logsumexp(z)
             log_scores[start:stop] = w.gather(1, target_column).squeeze(1)
 
-    workers = min(torch.get_num_threads(), -(-num // chunk_rows)) if on_cpu else 1
+    workers = min(num_threads or torch.get_num_threads(), -(-num // chunk_rows)) if on_cpu else 1
     if workers <= 1:
         run_block(0, num)
     else:

@@ -33,6 +33,7 @@ class CrossEntropyDecomposition(Metric):
     Args:
         vocab_size: width ``V`` of the logits (the full output width, padding columns included).
         ignore_index: target value whose positions are skipped.
+        num_threads: CPU worker threads of ``update``; None: ``torch.get_num_threads()`` at each call.
         kwargs: forwarded to :class:`torchmetrics.Metric`.
 
     Example:
@@ -50,14 +51,19 @@ class CrossEntropyDecomposition(Metric):
     rank_counts: Tensor
     rank_log_score_sum: Tensor
 
-    def __init__(self, vocab_size: int, ignore_index: int = -100, **kwargs: Any) -> None:
+    def __init__(self, vocab_size: int, ignore_index: int = -100, num_threads: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"Expected `num_threads` to be None or a positive int, got {num_threads!r}.")
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
+        self.num_threads = num_threads
         self.add_state("rank_counts", default=torch.zeros(vocab_size, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state(
             "rank_log_score_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum"
@@ -69,7 +75,7 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError(
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
-        ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index)
+        ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index, self.num_threads)
         device = self.rank_counts.device
         accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
 

@@ -3,6 +3,7 @@ npz arrays that recompute the logged values, sanity check skipped, step override
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -99,6 +100,7 @@ def _decomp_rows(history: list[dict]) -> dict[int, dict]:
     rows = [r for r in history if "decomp/alpha/error_entropy" in r]
     steps = [r["trainer/global_step"] for r in rows]
     assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    assert steps == sorted(steps), f"rows out of step order: {steps}"
     return {int(r["trainer/global_step"]): r for r in rows}
 
 
@@ -181,3 +183,50 @@ def test_bad_validation_outputs_raise_a_clear_error(tmp_path):
     trainer = _trainer(tmp_path, CEDecompositionCallback(), False)
     with pytest.raises(ValueError, match="'logits'.*'labels'"):
         trainer.validate(NoLogits(), _val_loaders(), verbose=False)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["background_updates", "updates_in_the_hook"])
+def test_overlapped_updates_give_the_same_state_and_raise_bad_targets(tmp_path, overlap):
+    reference = CEDecompositionCallback(output_dir=tmp_path / "ref", dataset_names=NAMES, overlap_updates=False)
+    callback = CEDecompositionCallback(output_dir=tmp_path / "out", dataset_names=NAMES, overlap_updates=overlap)
+    model = BigramLM()
+    for cb in (reference, callback):
+        _trainer(tmp_path, cb, False).validate(model, _val_loaders(), verbose=False)
+    assert callback.last_results == reference.last_results
+    for name in NAMES:
+        got, expected = (np.load(tmp_path / d / "arrays" / name / "step_0.npz") for d in ("out", "ref"))
+        assert np.array_equal(got["rank_counts"], expected["rank_counts"])
+        assert np.array_equal(got["rank_log_score_sum"], expected["rank_log_score_sum"])
+    assert all(m.num_threads == (1 if overlap else None) for m in callback._metrics.values())
+
+    class OutOfRange(BigramLM):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            out = super().validation_step(batch, batch_idx, dataloader_idx)
+            out["labels"][0, -1] = V + 5
+            return out
+
+    with pytest.raises(ValueError, match=rf"target values in \[0, {V}\)"):
+        _trainer(tmp_path, callback, False).validate(OutOfRange(), _val_loaders(), verbose=False)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background_media", "media_before_validation_ends"])
+def test_wandb_media_rows_with_or_without_the_background_thread(tmp_path, background):
+    callback = CEDecompositionCallback(output_dir=tmp_path / "out", dataset_names=NAMES, background_media=background)
+    trainer = _trainer(tmp_path, callback, [WandbLogger(project="test", save_dir=str(tmp_path), mode="offline")])
+    model = BigramLM()
+    for step in (10, 20):
+        callback.step = step
+        trainer.validate(model, _val_loaders(), verbose=False)
+    assert callback._pending_row is None  # teardown logged the row
+    clone = copy.deepcopy(callback)  # a copy (ddp_spawn pickles callbacks) carries no thread or W&B handle
+    assert clone.last_results == callback.last_results
+    import wandb
+
+    wandb.finish()
+    rows = _decomp_rows(wandb_history(next((tmp_path / "wandb").glob("offline-run-*"))))
+    assert sorted(rows) == [10, 20]
+    for step, row in rows.items():
+        for name in NAMES:
+            assert row[f"decomp/{name}/p_e._type"] == "histogram"
+            assert row[f"decomp/{name}/p_e_vs_q_e._type"] == "image-file"
+            assert row[f"decomp/{name}/error_entropy"] == callback.last_results[name]["error_entropy"]

@@ -182,13 +182,17 @@ def test_worker_threads_and_a_single_thread_agree(monkeypatch, dtype):
     try:
         torch.set_num_threads(1)
         serial = token_ranks_and_log_scores(logits, target)
+        explicit_threads = token_ranks_and_log_scores(logits, target, num_threads=3)
         torch.set_num_threads(3)
         threaded = token_ranks_and_log_scores(logits, target)
+        explicit_serial = token_ranks_and_log_scores(logits, target, num_threads=1)
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
-    assert torch.equal(serial[0], threaded[0])
-    torch.testing.assert_close(serial[1], threaded[1], rtol=1e-6, atol=1e-7)
+    for ranks, scores in (threaded, explicit_threads, explicit_serial):
+        assert torch.equal(serial[0], ranks)
+        torch.testing.assert_close(serial[1], scores, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["grad", "inference"])

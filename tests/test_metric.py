@@ -184,6 +184,12 @@ def test_vocab_size_must_be_a_positive_int(vocab_size):
         CrossEntropyDecomposition(vocab_size)
 
 
+@pytest.mark.parametrize("num_threads", [0, -1, 1.5, True, "2"])
+def test_num_threads_must_be_none_or_a_positive_int(num_threads):
+    with pytest.raises(ValueError, match="`num_threads` to be None or a positive int"):
+        CrossEntropyDecomposition(VOCAB, num_threads=num_threads)
+
+
 def test_all_ignored_batch_is_a_no_op():
     metric = CrossEntropyDecomposition(VOCAB)
     metric.update(*_data(8))
