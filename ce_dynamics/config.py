@@ -82,6 +82,8 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"mode must be 'train', 'replay' or 'sweep', got '{cfg.mode}'")
     if cfg.mode == "sweep" and not cfg.sweep.sizes:
         raise ConfigError("mode=sweep needs sweep.sizes=[[hidden_size,num_hidden_layers],...] (e.g. experiment=tiny_scaling)")
+    if cfg.checkpoint.keep not in ("last", "all"):
+        raise ConfigError(f"checkpoint.keep must be 'last' or 'all', got '{cfg.checkpoint.keep}'")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got '{cfg.logger.wandb.mode}'")
     if cfg.replay.dtype not in ("float32", "bfloat16"):

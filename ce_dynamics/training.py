@@ -143,7 +143,8 @@ def run_training(cfg: DictConfig) -> int:
                          f"(raise model.vocab_size)")
     callbacks = [
         CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets)),
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step}", auto_insert_metric_name=False,
+                        save_last=True, save_top_k=-1 if cfg.checkpoint.keep == "all" else 0, every_n_epochs=1,
                         save_on_train_epoch_end=False),  # after every validation
         LearningRateMonitor(logging_interval="step"),
     ]

@@ -65,6 +65,7 @@ def test_new_eval_sets_can_be_added_to_the_catalog():
         (["logger.wandb.mode=maybe"], "offline, online or disabled"),
         (["data.seq_len=1"], "data.seq_len must be"),
         (["mode=serve"], "mode must be 'train', 'replay' or 'sweep'"),
+        (["checkpoint.keep=best"], "checkpoint.keep must be 'last' or 'all'"),
         (["mode=sweep"], r"mode=sweep needs sweep.sizes"),
     ],
 )

@@ -213,15 +213,15 @@ def test_replay_at_pythia_logit_width(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def training_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A train.py run's checkpoints: 2 steps, its last.ckpt kept as a copy, then resumed to 4 steps."""
+    """A train.py run keeping every validation's checkpoint: 2 steps, then resumed to 4 steps."""
     out = tmp_path_factory.mktemp("train") / "run"
     args = [f"output_dir={out}", f"data.cache_dir={out.parent / 'tok_cache'}", *SMALL, "model.vocab_size=320",
             "model.hidden_size=32", "model.num_hidden_layers=2", "model.intermediate_size=64",
             "data.train.max_chars=60000", "data.tokenizer_train_chars=60000", "trainer.val_check_interval=2",
-            "logger.wandb.mode=disabled"]
+            "logger.wandb.mode=disabled", "checkpoint.keep=all"]
     assert train.main([*args, "trainer.max_steps=2"]) == 0
-    shutil.copy(out / "checkpoints" / "last.ckpt", out / "checkpoints" / "after-2-steps.ckpt")
     assert train.main([*args, "trainer.max_steps=4", "ckpt_path=last"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt", "step_2.ckpt", "step_4.ckpt"]
     return out
 
 
