@@ -233,6 +233,7 @@ class _ModelWalk:
 def run_replay(cfg: DictConfig) -> int:
     """Walk `cfg`'s checkpoints (see the module docstring); 0 when all were evaluated, 1 if some failed,
     2 for a bad replay configuration."""
+    from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
     try:
@@ -247,7 +248,8 @@ def run_replay(cfg: DictConfig) -> int:
     failures: list[Failure] = []
     walks: dict[str, _ModelWalk] = {}
     skipped = 0
-    bar = tqdm(checkpoints, desc="replay", unit="ckpt", dynamic_ncols=True, file=sys.stderr)
+    zero = rank_zero_only.rank == 0  # under DDP every rank walks; one bar and one summary
+    bar = tqdm(checkpoints, desc="replay", unit="ckpt", dynamic_ncols=True, file=sys.stderr, disable=not zero)
     try:
         for i, ckpt in enumerate(bar, start=1):
             bar.set_description(f"replay {i}/{len(checkpoints)} {ckpt.model} {ckpt.revision}")
@@ -278,6 +280,8 @@ def run_replay(cfg: DictConfig) -> int:
         for walk in walks.values():
             walk.close()
     evaluated = len(checkpoints) - skipped - len(failures)
+    if not zero:
+        return 1 if failures else 0
     print(f"replay: {evaluated} checkpoint(s) evaluated, {skipped} already in {results_path}, "
           f"{len(failures)} failed", file=sys.stderr)
     if failures:

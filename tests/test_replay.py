@@ -88,6 +88,30 @@ def test_walk_writes_one_row_per_revision_and_dataset(walk, tiny_hub: HubCache) 
     assert ce[4] < ce[0] - 0.1
 
 
+def test_ddp_two_processes_give_the_single_process_rows(walk, tiny_hub: HubCache, tmp_path: Path) -> None:
+    """`trainer.devices=2 trainer.strategy=ddp` (gloo; 2 + 2 eval windows): the same tokens and rank counts as one
+    process, log-scores equal to float32 rounding (the batch shapes differ, so the matmuls round apart)."""
+    _, single = walk
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "mode=replay", f"output_dir={out}", *SMALL,
+                           *hub_args(tiny_hub, "[0,4]"), "trainer.devices=2", "trainer.strategy=ddp",
+                           "logger.wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **tiny_hub.env(), "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("replay: 2 checkpoint(s) evaluated") == 1  # one summary, from rank zero
+    expected = {(r["step"], r["dataset"]): r for r in read_results(single / "results.jsonl")}
+    rows = read_results(out / "results.jsonl")
+    assert [(r["step"], r["dataset"]) for r in rows] == [(s, d) for s in (0, 4) for d in ("code", "prose")]
+    for row in rows:
+        check_row(row)
+        for key in KEYS:
+            assert row[key] == pytest.approx(expected[(row["step"], row["dataset"])][key], rel=1e-6, abs=1e-7)
+        arrays = [np.load(root / model_slug(tiny_hub.hub_id) / "arrays" / row["dataset"] / f"step_{row['step']}.npz")
+                  for root in (single, out)]
+        np.testing.assert_array_equal(arrays[1]["rank_counts"], arrays[0]["rank_counts"])
+
+
 def test_rows_match_a_direct_computation(walk, tiny_hub: HubCache) -> None:
     """The step-2 row's cross-entropy equals F.cross_entropy of that revision on the same eval windows."""
     from ce_dynamics.config import load_config
