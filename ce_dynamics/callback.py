@@ -97,7 +97,7 @@ class CEDecompositionCallback(Callback):
             self._metrics[dataloader_idx] = metric
         labels = outputs["labels"].detach()
         self._finish_update()
-        if metric.num_threads != 1 or not self._overlap(logits.device):
+        if metric.num_threads != 1 or not self._overlap(logits.device):  # only a 1-thread update runs beside torch
             metric.update(logits, labels)
             return
         inference = torch.is_inference_mode_enabled()  # thread-local: the worker runs in the caller's mode
