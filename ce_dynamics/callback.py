@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_dynamics.files import atomic_open
-from ce_dynamics.functional import KEYS, decomposition_from_state
+from ce_dynamics.functional import KEYS, decomposition_from_state, in_callers_inference_mode
 from ce_dynamics.metric import CrossEntropyDecomposition
 
 
@@ -97,16 +97,10 @@ class CEDecompositionCallback(Callback):
             self._metrics[dataloader_idx] = metric
         labels = outputs["labels"].detach()
         self._finish_update()
-        if metric.num_threads != 1 or not self._overlap(logits.device):  # only a 1-thread update runs beside torch
+        if metric.num_threads == 1:  # _new_metric made it single-threaded to run beside torch's own threads
+            self._pending_update = self._background().submit(in_callers_inference_mode(metric.update), logits, labels)
+        else:
             metric.update(logits, labels)
-            return
-        inference = torch.is_inference_mode_enabled()  # thread-local: the worker runs in the caller's mode
-
-        def update() -> None:
-            with torch.inference_mode(inference):
-                metric.update(logits, labels)
-
-        self._pending_update = self._background().submit(update)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -174,7 +168,7 @@ class CEDecompositionCallback(Callback):
         return self._worker
 
     def _overlap(self, device: torch.device) -> bool:
-        """Whether updates on `device` run in the background thread (then on one CPU thread)."""
+        """Whether a new metric on `device` is updated in the background thread (then on one CPU thread)."""
         if self.overlap_updates is not None:
             return self.overlap_updates
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -18,6 +18,7 @@ import math
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ KEYS = (
 _CPU_CHUNK_ELEMENTS = 2**19
 _ACCEL_CHUNK_ELEMENTS = 2**26
 _POOL: ThreadPoolExecutor | None = None
+T = TypeVar("T")
 
 
 def _check_inputs(logits: Tensor, target: Tensor) -> None:
@@ -64,6 +66,18 @@ def _position(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape)) if len(shape) else ()
 
 
+def in_callers_inference_mode(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, to be run in another thread under the calling thread's inference mode (a thread-local setting:
+    Lightning's validation runs under it, a worker thread would not)."""
+    inference = torch.is_inference_mode_enabled()
+
+    def run(*args: Any, **kwargs: Any) -> T:
+        with torch.inference_mode(inference):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: int) -> None:
     """Split ``[0, num)`` into contiguous blocks, one per worker thread, each running single-threaded ops.
 
@@ -75,12 +89,7 @@ def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: in
     if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
         _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ce_dynamics")
     bounds = [num * i // workers for i in range(workers + 1)]
-    inference = torch.is_inference_mode_enabled()  # thread-local: Lightning's validate runs under it
-
-    def run_in_callers_mode(lo: int, hi: int) -> None:
-        with torch.inference_mode(inference):
-            run_block(lo, hi)
-
+    run_in_callers_mode = in_callers_inference_mode(run_block)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
