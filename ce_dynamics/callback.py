@@ -1,36 +1,43 @@
-"""CEDecompositionCallback: the cross-entropy decomposition of every validation, logged and saved.
+"""CEDecompositionCallback: the cross-entropy decomposition of every validation, logged and saved exactly once.
 
 Contract with the LightningModule: `validation_step` returns a mapping with `"logits"` ([..., V]) and
-`"labels"` ([...], `ignore_index` skipped), aligned (the label at t is the token predicted from logits at t).
+`"labels"` ([...], `ignore_index` skipped), aligned (the label at t is the token predicted from logits at t);
+a `"loss"` in it is logged as `val/loss/<set>` in the same row.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ce_dynamics.files import atomic_open
-from ce_dynamics.functional import KEYS, decomposition_from_state, in_callers_inference_mode
+from ce_dynamics import sinks
+from ce_dynamics.functional import KEYS, in_callers_inference_mode
 from ce_dynamics.metric import CrossEntropyDecomposition
 
 
 class CEDecompositionCallback(Callback):
-    """One `CrossEntropyDecomposition` per validation dataloader; at the end of each validation logs
-    `decomp/<dataset>/<key>` to every logger (plus p_e/q_e histograms and a p_e-vs-q_e image to W&B) and saves
-    the raw state to `output_dir/arrays/<dataset>/step_<N>.npz`.
+    """One `CrossEntropyDecomposition` per validation dataloader; at the end of each validation saves the raw
+    state to `output_dir/arrays/<dataset>/step_<N>.npz`, then logs `decomp/<dataset>/<key>` to every logger (plus
+    p_e/q_e histograms and a p_e-vs-q_e image to W&B), once per step (see `ce_dynamics.sinks`).
+
+    It never stops a `fit`: non-finite logits are counted (`decomp/<dataset>/nonfinite_tokens`, one warning per
+    validation) and left out of the decomposition; any other error of the callback during `fit` becomes a warning
+    and that validation is not recorded. In `validate` (and replay) errors are raised.
 
     Args:
-        output_dir: where `arrays/` goes; None -> `trainer.default_root_dir`.
+        output_dir: where `arrays/` goes; None -> `trainer.default_root_dir`. It belongs to one run: on start,
+            every step saved there that a readable logger (W&B, `DurableCSVLogger`) lacks is logged to it.
         dataset_names: one name per val dataloader; None -> `trainer.datamodule.eval_names`, else `val_<idx>`.
         ignore_index: label value to skip.
         log_histograms: with a `WandbLogger`, also log the histograms and the image.
@@ -44,16 +51,18 @@ class CEDecompositionCallback(Callback):
             validation does not wait for it (one extra batch of logits stays alive). None: only for CPU logits
             when torch uses fewer threads than this process may run on (a spare core; an update competing with
             torch's own threads would slow both). Errors surface at the next batch or the end of validation.
+        backfill: on setup, log saved steps a readable logger lacks (a resumed or rerun run's missing rows).
 
     Attributes:
         step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
-        last_results: per dataset, the floats of the last completed validation (the KEYS and `num_tokens`).
+        last_results: per dataset, the numbers of the last recorded validation (the KEYS, `num_tokens`,
+            `nonfinite_tokens`).
     """
 
     def __init__(self, output_dir: str | os.PathLike | None = None, dataset_names: Sequence[str] | None = None,
                  ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
                  save_arrays: bool = True, background_media: bool = True,
-                 overlap_updates: bool | None = None) -> None:
+                 overlap_updates: bool | None = None, backfill: bool = True) -> None:
         if not 1 <= max_buckets <= 512:
             raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -64,26 +73,112 @@ class CEDecompositionCallback(Callback):
         self.save_arrays = save_arrays
         self.background_media = background_media
         self.overlap_updates = overlap_updates
-        self._renderers: dict[str, Any] = {}  # per eval set: PEQERenderer, which caches the figure's background
-        self._worker: ThreadPoolExecutor | None = None  # one thread, so updates and media run in order
-        self._pending_update: Future | None = None
-        self._pending_row: tuple[Any, dict[str, Any], Future] | None = None  # (W&B run, scalars, media future)
+        self.backfill = backfill
         self.step: int | None = None
         self.last_results: dict[str, dict[str, float]] = {}
+        self._media = sinks.WandbMedia(max_buckets)
+        self._worker: ThreadPoolExecutor | None = None  # one thread, so updates and media run in order
+        self._pending_update: Future | None = None
+        self._pending_row: tuple[Logger, int, dict[str, Any], Future] | None = None  # W&B row awaiting its media
         self._metrics: dict[int, CrossEntropyDecomposition] = {}
-        self._last_logged_step: int | None = None  # training steps already logged, kept across resume
+        self._losses: dict[int, torch.Tensor] = {}  # per dataloader: [sum of loss x tokens, tokens]
+        self._failure: str | None = None  # why this validation cannot be recorded (fit only)
 
     # ------------------------------------------------------------------------------------------- hooks
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.backfill and trainer.is_global_zero:
+            self._guard(trainer, "bringing the loggers level with the saved arrays", self._backfill, trainer)
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish_update()
+        self._failure = None
+        self._guard(trainer, "the metric update", self._finish_update)
         for metric in self._metrics.values():
             metric.reset()
+        self._losses = {}
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking or self._failure is not None:
+            return
+        self._guard(trainer, "the metric update", self._update, outputs, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._guard(trainer, "the metric update", self._finish_update)
+        self._same_metrics_on_every_rank(trainer, pl_module)
+        failed = self._any_rank_failed(trainer, pl_module)
+        states = {}
+        for idx in sorted(self._metrics):  # collectives: every rank takes part, whatever happened
+            metric = self._metrics[idx]
+            with metric.sync_context():
+                states[idx] = {"rank_counts": metric.rank_counts.clone(),
+                               "rank_log_score_sum": metric.rank_log_score_sum.clone(),
+                               "nonfinite_tokens": metric.nonfinite_tokens.clone()}
+            metric.reset()
+            loss = self._losses.get(idx, torch.zeros(2, dtype=torch.float64, device=pl_module.device))
+            loss = trainer.strategy.reduce(loss, reduce_op="sum") if trainer.world_size > 1 else loss
+            if float(loss[1]) > 0:
+                states[idx]["loss"] = loss[0] / loss[1]
+        if failed:
+            rank_zero_warn(f"CEDecompositionCallback: the validation at step {self._step(trainer)} is not "
+                           f"recorded ({self._failure or 'another rank failed'}); training goes on")
+            return
+        if states:
+            self._guard(trainer, "recording the validation", self._record, trainer, states)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._guard(trainer, "logging the W&B row", self._log_pending_row, False)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        try:
+            self._guard(trainer, "the metric update", self._finish_update)
+            self._guard(trainer, "logging the W&B row", self._log_pending_row, True)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
+                self._worker = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        try:  # the run is ending anyway: keep the last validation's row if it can be had, never mask the error
+            self._pending_update = None
+            self._log_pending_row(wait=True)
+        except Exception as err:  # noqa: BLE001
+            rank_zero_warn(f"CEDecompositionCallback: the last validation's W&B row was lost: {err!r}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a thread pool and a W&B run do not pickle (ddp_spawn, deepcopy): a copy starts without them
+        return {**self.__dict__, "_worker": None, "_pending_update": None, "_pending_row": None,
+                "_media": sinks.WandbMedia(self.max_buckets)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # what was logged is read back from the sinks themselves (see ce_dynamics.sinks)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # checkpoints of earlier versions carry `last_logged_step`, no longer needed
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _guard(self, trainer: L.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn`; during `fit`, an error becomes a warning and this validation is marked unrecordable."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - a monitoring callback never kills the run it watches
+            self._failure = f"{what} failed: {type(err).__name__}: {err}"
+            warnings.warn(f"CEDecompositionCallback: {self._failure}; training goes on", RuntimeWarning, stacklevel=2)
+            return None
+
+    def _step(self, trainer: L.Trainer) -> int:
+        return trainer.global_step if self.step is None else int(self.step)
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        return self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir)
+
+    def _update(self, outputs: Any, dataloader_idx: int) -> None:
         if not isinstance(outputs, Mapping) or "logits" not in outputs or "labels" not in outputs:
             got = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
             raise ValueError(
@@ -91,76 +186,80 @@ class CEDecompositionCallback(Callback):
                 f"'labels' [...] (aligned); got {got}"
             )
         logits = outputs["logits"].detach()
+        labels = outputs["labels"].detach()
         metric = self._metrics.get(dataloader_idx)
         if metric is None:
-            metric = self._new_metric(logits.shape[-1], logits.device)
-            self._metrics[dataloader_idx] = metric
-        labels = outputs["labels"].detach()
+            metric = self._metrics[dataloader_idx] = self._new_metric(logits.shape[-1], logits.device)
+        loss = outputs.get("loss")
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            tokens = (labels != self.ignore_index).sum().to(torch.float64)
+            acc = self._losses.setdefault(dataloader_idx, torch.zeros(2, dtype=torch.float64, device=loss.device))
+            acc += torch.stack([loss.detach().to(torch.float64).reshape(()) * tokens, tokens])
         self._finish_update()
         if metric.num_threads == 1:  # _new_metric made it single-threaded to run beside torch's own threads
             self._pending_update = self._background().submit(in_callers_inference_mode(metric.update), logits, labels)
         else:
             metric.update(logits, labels)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._finish_update()
-        self._same_metrics_on_every_rank(trainer, pl_module)
+    def _record(self, trainer: L.Trainer, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Turn the synced states into results; on rank zero save the arrays, then log the row once per logger."""
         names = self._names(trainer)
-        states, results = {}, {}
-        for idx in sorted(self._metrics):
-            metric = self._metrics[idx]
-            with metric.sync_context():  # a collective: every rank takes part
-                states[names[idx]] = (metric.rank_counts.clone(), metric.rank_log_score_sum.clone())
-            metric.reset()
-            results[names[idx]] = decomposition_from_state(*states[names[idx]])
-        if not results:
-            return
+        by_name = {names[idx]: state for idx, state in states.items()}
+        results = {name: sinks.results_of(state) for name, state in by_name.items()}
         self.last_results = {
-            name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"])}
+            name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]),
+                   "nonfinite_tokens": int(out["nonfinite_tokens"])}
             for name, out in results.items()
         }
-        step = trainer.global_step if self.step is None else int(self.step)
-        if self.step is None and self._last_logged_step is not None and step <= self._last_logged_step:
-            rank_zero_info(f"CEDecompositionCallback: step {step} was already logged; not logging it again")
+        nonfinite = {name: n["nonfinite_tokens"] for name, n in self.last_results.items() if n["nonfinite_tokens"]}
+        step = self._step(trainer)
+        if nonfinite:
+            rank_zero_warn(f"CEDecompositionCallback: non-finite logits (NaN/+inf) at step {step}: {nonfinite} "
+                           "tokens left out of the decomposition (logged as decomp/<set>/nonfinite_tokens)")
+        if not trainer.is_global_zero:
             return
-        if trainer.is_global_zero:
-            self._log(trainer, results, step)
-            if self.save_arrays:
-                self._save(trainer, states, step)
-        if self.step is None:
-            self._last_logged_step = step
+        root = self._root(trainer)
+        if self.save_arrays:
+            for name, state in by_name.items():
+                sinks.save_state(root, name, step, state)
+        scalars = sinks.scalars_of(results)
+        for logger in trainer.loggers:
+            if sinks.holds(logger, step):
+                rank_zero_info(f"CEDecompositionCallback: {type(logger).__name__} already holds step {step}; "
+                               "not logging it again")
+            elif isinstance(logger, WandbLogger) and self.log_histograms:
+                self._log_wandb_row(logger, step, scalars, sinks.distributions_of(results))
+            else:
+                sinks.log_row(logger, step, scalars)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._log_pending_row(wait=False)
+    def _log_wandb_row(self, logger: WandbLogger, step: int, scalars: dict[str, Any],
+                       distributions: Mapping[str, Any]) -> None:
+        """One W&B row: the scalars with the p_e/q_e histograms and image of the same step."""
+        self._log_pending_row(wait=True)  # rows stay in step order, at most one in flight
+        if not self.background_media:
+            sinks.log_row(logger, step, scalars, self._media(distributions, step))
+            return
+        self._pending_row = (logger, step, scalars, self._background().submit(self._media, distributions, step))
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._finish_update()
-        self._log_pending_row(wait=True)
-        if self._worker is not None:
-            self._worker.shutdown()
-            self._worker = None
+    def _log_pending_row(self, wait: bool) -> None:
+        """Log the row whose media the background thread built (W&B calls stay on the main thread)."""
+        if self._pending_row is None or (not wait and not self._pending_row[3].done()):
+            return
+        logger, step, scalars, media = self._pending_row
+        self._pending_row = None
+        sinks.log_row(logger, step, scalars, media.result())
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        try:  # the run is ending anyway: keep the last validation's row if it can be had, never mask the error
-            self._pending_update = None
-            self._log_pending_row(wait=True)
-        except Exception as err:  # noqa: BLE001
-            rank_zero_warn(f"CEDecompositionCallback: the last validation's W&B media were lost: {err!r}")
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a thread pool and a W&B run do not pickle (ddp_spawn, deepcopy): a copy starts without them
-        return {**self.__dict__, "_worker": None, "_pending_update": None, "_pending_row": None, "_renderers": {}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_logged_step": self._last_logged_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_logged_step = state_dict.get("last_logged_step")
-
-    # ----------------------------------------------------------------------------------------- helpers
+    def _backfill(self, trainer: L.Trainer) -> None:
+        root = self._root(trainer)
+        names = self.dataset_names or getattr(trainer.datamodule, "eval_names", None)
+        if names is None:
+            names = sorted(p.name for p in (root / "arrays").iterdir()) if (root / "arrays").is_dir() else []
+        if not names or not trainer.loggers:
+            return
+        media = self._media if self.log_histograms else None
+        steps = sinks.backfill(trainer.loggers, root, names, media)
+        if steps:
+            rank_zero_info(f"CEDecompositionCallback: logged saved step(s) {steps} that a logger lacked")
 
     def _background(self) -> ThreadPoolExecutor:
         if self._worker is None:
@@ -182,7 +281,8 @@ class CEDecompositionCallback(Callback):
 
     def _new_metric(self, vocab_size: int, device: torch.device) -> CrossEntropyDecomposition:
         threads = 1 if self._overlap(device) else None  # beside torch's own threads, take one core, no more
-        return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads).to(device)
+        return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads,
+                                         nan_strategy="ignore").to(device)
 
     def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A rank that saw no batch of some dataloader still has to join that metric's sync."""
@@ -196,6 +296,12 @@ class CEDecompositionCallback(Callback):
             if width and idx not in self._metrics:
                 self._metrics[idx] = self._new_metric(int(width), pl_module.device)
 
+    def _any_rank_failed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        if trainer.world_size == 1:
+            return self._failure is not None
+        flag = torch.tensor(float(self._failure is not None), device=pl_module.device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+
     def _names(self, trainer: L.Trainer) -> dict[int, str]:
         names = self.dataset_names or getattr(trainer.datamodule, "eval_names", None)
         if names is None:
@@ -207,54 +313,3 @@ class CEDecompositionCallback(Callback):
                 f"{len(names)}: {list(names)}; pass dataset_names= or give the datamodule matching eval_names"
             )
         return {idx: names[idx] for idx in self._metrics}
-
-    def _log(self, trainer: L.Trainer, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
-        scalars = {f"decomp/{name}/{key}": float(out[key]) for name, out in results.items() for key in KEYS}
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and self.log_histograms:
-                self._log_wandb_row(logger.experiment, {**scalars, "trainer/global_step": step}, results, step)
-            else:
-                logger.log_metrics(scalars, step=step)
-
-    def _log_wandb_row(self, run: Any, scalars: dict[str, Any], results: Mapping[str, Mapping[str, torch.Tensor]],
-                       step: int) -> None:
-        """One W&B row: the scalars with the p_e/q_e histograms and image of the same step."""
-        self._log_pending_row(wait=True)  # rows stay in step order, at most one in flight
-        distributions = {name: (out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()) for name, out in results.items()}
-        if not self.background_media:
-            run.log({**scalars, **self._wandb_media(distributions, step)})
-            return
-        self._pending_row = (run, scalars, self._background().submit(self._wandb_media, distributions, step))
-
-    def _log_pending_row(self, wait: bool) -> None:
-        """Log the row whose media the background thread built (W&B calls stay on the main thread)."""
-        if self._pending_row is None or (not wait and not self._pending_row[2].done()):
-            return
-        run, scalars, media = self._pending_row
-        self._pending_row = None
-        run.log({**scalars, **media.result()})
-
-    def _wandb_media(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
-        import wandb
-
-        from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
-
-        media: dict[str, Any] = {}
-        for name, (p_e, q_e) in distributions.items():
-            edges = rank_bucket_edges(len(p_e), self.max_buckets)
-            for key, values in (("p_e", p_e), ("q_e", q_e)):
-                media[f"decomp/{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))
-            renderer = self._renderers.setdefault(name, PEQERenderer())
-            media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
-        return media
-
-    def _save(self, trainer: L.Trainer, states: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int) -> None:
-        root = self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir)
-        for name, (counts, sums) in states.items():
-            _save_npz_atomic(root / "arrays" / name / f"step_{step}.npz",
-                             rank_counts=counts.cpu().numpy(), rank_log_score_sum=sums.cpu().numpy())
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_open(path) as handle:
-        np.savez(handle, **arrays)

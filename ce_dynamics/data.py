@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ce_dynamics.files import atomic_path
 
@@ -194,6 +194,29 @@ class TokenWindows(Dataset):
         return {"input_ids": self.windows[idx]}
 
 
+class ResumableRandomSampler(Sampler[int]):
+    """A seeded random order per epoch (``seed``, epoch) that can start part-way through an epoch.
+
+    ``skip()`` is asked at the start of every pass for how many samples of this epoch were already consumed, so a
+    run resumed from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have seen next.
+    """
+
+    def __init__(self, num_samples: int, seed: int, skip: Any = None) -> None:
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self._skip = skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        start = int(self._skip()) if self._skip is not None else 0
+        return iter(order[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class CEDataModule(L.LightningDataModule):
     """Training windows plus one validation dataloader per named eval set (`eval_names`, same order)."""
 
@@ -231,9 +254,17 @@ class CEDataModule(L.LightningDataModule):
                 raise ValueError(f"training corpus has fewer than seq_len={self.seq_len} tokens")
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.num_workers)
+        sampler = ResumableRandomSampler(len(self.train_set), self.seed, skip=self._consumed_samples)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers)
+
+    def _consumed_samples(self) -> int:
+        """Samples of the current epoch a resumed run already trained on (0 at an epoch's start)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return batches * self.batch_size * trainer.world_size  # under DDP ranks take turns in the one order
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(self.eval_sets[name]) for name in self.eval_names]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-_STATES = ("rank_counts", "rank_log_score_sum")
+_STATES = ("rank_counts", "rank_log_score_sum", "nonfinite_tokens")
 
 
 class CrossEntropyDecomposition(Metric):
@@ -52,8 +52,11 @@ class CrossEntropyDecomposition(Metric):
     rank_log_score_sum: Tensor
 
     def __init__(self, vocab_size: int, ignore_index: int = -100, num_threads: int | None = None,
-                 **kwargs: Any) -> None:
+                 nan_strategy: str = "error", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if nan_strategy not in ("error", "ignore"):
+            raise ValueError(f"Expected `nan_strategy` to be 'error' or 'ignore', got {nan_strategy!r}.")
+        self.nan_strategy = nan_strategy
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -68,6 +71,7 @@ class CrossEntropyDecomposition(Metric):
         self.add_state(
             "rank_log_score_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum"
         )
+        self.add_state("nonfinite_tokens", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add a batch: ``logits`` ``[..., V]`` float, ``target`` ``[...]`` integer, already aligned."""
@@ -75,13 +79,20 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError(
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
+        if self.nan_strategy == "ignore" and isinstance(logits, Tensor) and isinstance(target, Tensor) \
+                and logits.is_floating_point() and logits.shape[:-1] == target.shape:
+            bad = ~torch.isfinite(logits.detach()).all(-1) & (target.to(logits.device) != self.ignore_index)
+            self.nonfinite_tokens += bad.sum().to(self.nonfinite_tokens.device)
+            target = target.to(logits.device).masked_fill(bad, self.ignore_index)
         ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index, self.num_threads)
         device = self.rank_counts.device
         accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
 
     def compute(self) -> dict[str, Tensor]:
         """The decomposition of everything accumulated (NaNs, with a warning, before any token)."""
-        return decomposition_from_state(self.rank_counts, self.rank_log_score_sum)
+        out = decomposition_from_state(self.rank_counts, self.rank_log_score_sum)
+        out["nonfinite_tokens"] = self.nonfinite_tokens.clone()
+        return out
 
     def plot(self, ax: Axes | None = None, title: str | None = None) -> Figure:  # type: ignore[override]
         """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6)."""

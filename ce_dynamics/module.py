@@ -77,7 +77,10 @@ class CausalLMModule(L.LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         names = getattr(self.trainer.datamodule, "eval_names", None) if self._trainer is not None else None
         name = names[dataloader_idx] if names else f"val_{dataloader_idx}"
-        self.log(f"val/loss/{name}", loss, add_dataloader_idx=False, sync_dist=True, batch_size=labels.numel())
+        # For the progress bar, the validate table and `monitor=`; loggers get it from CEDecompositionCallback,
+        # in the row of the same validation (same step, once per step).
+        self.log(f"val/loss/{name}", loss, add_dataloader_idx=False, sync_dist=True, batch_size=labels.numel(),
+                 logger=False)
         return {"logits": logits, "labels": labels, "loss": loss}
 
     def configure_optimizers(self) -> dict[str, Any]:

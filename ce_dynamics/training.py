@@ -12,10 +12,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ce_dynamics import sinks
 from ce_dynamics.callback import CEDecompositionCallback
+from ce_dynamics.csv_logger import DurableCSVLogger
 from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
 from ce_dynamics.files import atomic_open
 from ce_dynamics.module import CausalLMModule
@@ -95,12 +98,12 @@ def _wandb_run_id(output_dir: Path, run_name: str) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_name: str) -> list[Logger]:
-    """A CSVLogger, plus a WandbLogger (offline by default) under `output_dir` unless W&B is disabled.
+    """A DurableCSVLogger, plus a WandbLogger (offline by default) under `output_dir` unless W&B is disabled.
 
     Online mode without an API key or network falls back to offline with a warning instead of failing.
     """
     out = Path(cfg.output_dir)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(out), name="csv")]
+    loggers: list[Logger] = [DurableCSVLogger(save_dir=out, name="csv")]
     mode = cfg.logger.wandb.mode
     if mode == "disabled":
         return loggers
@@ -121,10 +124,31 @@ def build_loggers(cfg: DictConfig, run_name: str) -> list[Logger]:
     return [*loggers, logger]
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on any local disk: a temporary file beside the target, fsynced, then
+    renamed over it. (Lightning's own transaction writes the temporary under the system's temp folder and copies
+    it over the target when that is another disk, so a kill mid-copy leaves a torn checkpoint.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_open(path) as handle:
+            torch.save(checkpoint, handle)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
-    """`lightning.Trainer(**cfg.trainer)` writing under `output_dir`."""
+    """`lightning.Trainer(**cfg.trainer)` writing under `output_dir`, checkpoints written atomically."""
     return L.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False,
-                     default_root_dir=cfg.output_dir)
+                     default_root_dir=cfg.output_dir, plugins=[AtomicCheckpointIO()])
+
+
+def checkpoint_callback(cfg: DictConfig) -> ModelCheckpoint:
+    """`checkpoints/last.ckpt` rewritten after every validation of `fit`; with `checkpoint.keep=all` also
+    `checkpoints/step_<N>.ckpt` for each."""
+    where = Path(cfg.output_dir) / "checkpoints"
+    common = dict(dirpath=where, auto_insert_metric_name=False, every_n_epochs=1, save_on_train_epoch_end=False,
+                  enable_version_counter=False)
+    if cfg.checkpoint.keep == "all":
+        return ModelCheckpoint(filename="step_{step}", save_top_k=-1, save_last=True, **common)
+    return ModelCheckpoint(filename="last", save_top_k=1, **common)  # without a monitor: the latest, overwritten
 
 
 def run_training(cfg: DictConfig) -> int:
@@ -141,13 +165,8 @@ def run_training(cfg: DictConfig) -> int:
     if len(tokenizer) > width:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {width} logits "
                          f"(raise model.vocab_size)")
-    callbacks = [
-        CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets)),
-        ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step}", auto_insert_metric_name=False,
-                        save_last=True, save_top_k=-1 if cfg.checkpoint.keep == "all" else 0, every_n_epochs=1,
-                        save_on_train_epoch_end=False),  # after every validation
-        LearningRateMonitor(logging_interval="step"),
-    ]
+    callback = CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets))
+    callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step")]
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         last = out / "checkpoints" / "last.ckpt"
@@ -161,6 +180,8 @@ def run_training(cfg: DictConfig) -> int:
             trainer.validate(module, datamodule=datamodule)  # step 0: the untrained model on every chart
         if trainer.max_steps != 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            if trainer.global_step not in sinks.saved_steps(out, cfg.data.eval_sets):
+                trainer.validate(module, datamodule=datamodule)  # the final model, whatever val_check_interval
     finally:
         if any(isinstance(lg, WandbLogger) for lg in loggers) and trainer.is_global_zero:
             import wandb

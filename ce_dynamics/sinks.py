@@ -1,0 +1,170 @@
+"""Where each validation's record goes, exactly once: the ``.npz`` state first (the truth), then every logger.
+
+A validation is recorded as one row per logger at one step: ``decomp/<set>/<key>`` for every eval set (plus
+``decomp/<set>/nonfinite_tokens`` and, when ``validation_step`` returned a loss, ``val/loss/<set>``), and on W&B
+the p_e/q_e histograms and image. The state behind the row is written first, atomically, to
+``arrays/<set>/step_<N>.npz``. Loggers that can be read back (W&B, from its transaction logs; the
+:class:`~ce_dynamics.csv_logger.DurableCSVLogger`) keep a ledger of the steps they durably hold: a row is never
+logged to a logger that already holds its step, and on (re)start every saved step a logger lacks is logged to it
+from the ``.npz`` files (:func:`backfill`). Whatever kills the process, each sink ends with each step once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from ce_dynamics.csv_logger import DurableCSVLogger
+from ce_dynamics.files import atomic_open
+from ce_dynamics.functional import KEYS, decomposition_from_state
+from ce_dynamics.wandb_history import logged_steps, run_files
+
+ROW_PREFIX = "decomp/"
+_LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------------------- state files
+
+
+def state_path(root: Path, name: str, step: int) -> Path:
+    return root / "arrays" / name / f"step_{step}.npz"
+
+
+def save_state(root: Path, name: str, step: int, state: Mapping[str, Any]) -> None:
+    """Write one eval set's state of one validation (``rank_counts``, ``rank_log_score_sum``, extras) atomically."""
+    arrays = {key: value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+              for key, value in state.items()}
+    with atomic_open(state_path(root, name, step)) as handle:
+        np.savez(handle, **arrays)
+
+
+def load_state(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def saved_steps(root: Path, names: Iterable[str]) -> list[int]:
+    """Steps whose state is saved for every one of ``names`` (a validation killed half-way is not among them)."""
+    names = list(names)
+    steps: set[int] | None = None
+    for name in names:
+        found = {int(p.stem[5:]) for p in (root / "arrays" / name).glob("step_*.npz") if p.stem[5:].isdigit()}
+        steps = found if steps is None else steps & found
+    return sorted(steps or ())
+
+
+def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The decomposition dict of a saved state (plus its ``loss``, when it has one)."""
+    out = decomposition_from_state(torch.as_tensor(state["rank_counts"]),
+                                   torch.as_tensor(state["rank_log_score_sum"]))
+    out["nonfinite_tokens"] = int(state.get("nonfinite_tokens", 0))
+    if "loss" in state:
+        out["loss"] = float(state["loss"])
+    return out
+
+
+def scalars_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The row's scalars: ``decomp/<set>/<key>``, ``decomp/<set>/nonfinite_tokens`` and ``val/loss/<set>``."""
+    row: dict[str, float] = {}
+    for name, out in results.items():
+        row.update({f"{ROW_PREFIX}{name}/{key}": float(out[key]) for key in KEYS})
+        row[f"{ROW_PREFIX}{name}/nonfinite_tokens"] = int(out.get("nonfinite_tokens", 0))
+        if out.get("loss") is not None:
+            row[f"val/loss/{name}"] = float(out["loss"])
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ ledger
+
+
+def ledger(logger: Logger) -> set[int] | None:
+    """The steps whose row ``logger`` durably holds (read back once, then kept up to date); None for a logger
+    that cannot be read back (it gets every row, and nothing is back-filled into it)."""
+    if logger in _LEDGERS:
+        return _LEDGERS[logger]
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment
+        steps = logged_steps(run_files(Path(run.dir).parent.parent, run.id), ROW_PREFIX)
+    elif isinstance(logger, DurableCSVLogger):
+        steps = {int(float(row["step"])) for row in logger.rows()
+                 if any(k.startswith(ROW_PREFIX) and row[k] not in ("", None) for k in row)}
+    else:
+        return None
+    _LEDGERS[logger] = steps
+    return steps
+
+
+def holds(logger: Logger, step: int) -> bool:
+    steps = ledger(logger)
+    return steps is not None and step in steps
+
+
+def log_row(logger: Logger, step: int, scalars: Mapping[str, float], media: Mapping[str, Any] | None = None) -> None:
+    """Log one validation's row to ``logger`` at ``step`` and note it in the logger's ledger."""
+    if isinstance(logger, WandbLogger):
+        logger.experiment.log({**scalars, **(media or {}), "trainer/global_step": step})
+    else:
+        logger.log_metrics(dict(scalars), step=step)
+        logger.save()
+    steps = ledger(logger)
+    if steps is not None:
+        steps.add(step)
+
+
+# ----------------------------------------------------------------------------------------------- W&B media
+
+
+class WandbMedia:
+    """The p_e/q_e histograms (log-spaced rank buckets) and the p_e-vs-q_e image of a validation's row."""
+
+    def __init__(self, max_buckets: int = 512) -> None:
+        self.max_buckets = max_buckets
+        self._renderers: dict[str, Any] = {}  # per eval set: PEQERenderer, which caches the figure's background
+
+    def __call__(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
+        import wandb
+
+        from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
+
+        media: dict[str, Any] = {}
+        for name, (p_e, q_e) in distributions.items():
+            edges = rank_bucket_edges(len(p_e), self.max_buckets)
+            for key, values in (("p_e", p_e), ("q_e", q_e)):
+                media[f"{ROW_PREFIX}{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))
+            renderer = self._renderers.setdefault(name, PEQERenderer())
+            media[f"{ROW_PREFIX}{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
+        return media
+
+
+def distributions_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: (out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()) for name, out in results.items()}
+
+
+# --------------------------------------------------------------------------------------------- back-fill
+
+
+def backfill(loggers: Iterable[Logger], root: Path, names: Iterable[str], media: WandbMedia | None) -> list[int]:
+    """Log every step saved under ``root/arrays`` (for all of ``names``) to each readable logger lacking it.
+
+    Returns the steps that were logged somewhere. ``media`` None: W&B rows get scalars only.
+    """
+    names = list(names)
+    readable = [lg for lg in loggers if ledger(lg) is not None]
+    done = []
+    for step in saved_steps(root, names) if readable else []:
+        lacking = [lg for lg in readable if not holds(lg, step)]
+        if not lacking:
+            continue
+        results = {name: results_of(load_state(state_path(root, name, step))) for name in names}
+        scalars = scalars_of(results)
+        for logger in lacking:
+            extra = media(distributions_of(results), step) if media and isinstance(logger, WandbLogger) else None
+            log_row(logger, step, scalars, extra)
+        done.append(step)
+    return done
