@@ -222,6 +222,12 @@ class _ModelWalk:
             for name in names
         ]
 
+    def backfill(self, names: list[str]) -> list[int]:
+        """Log the saved steps of this model that a logger lacks (a walk killed before W&B or the CSV got them)."""
+        from ce_dynamics import sinks
+
+        return sinks.backfill(self.loggers, Path(self.cfg.output_dir), names, sinks.WandbMedia())
+
     def close(self) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -279,6 +285,14 @@ def run_replay(cfg: DictConfig) -> int:
         bar.close()
         for walk in walks.values():
             walk.close()
+    if zero:  # a model whose every revision was already done may still lack rows in W&B or the CSV
+        for model in dict.fromkeys(c.model for c in checkpoints):
+            if model not in walks and _sinks_lacking(cfg, model, eval_sets):
+                walk = _ModelWalk(cfg, model)
+                try:
+                    walk.backfill(eval_sets)
+                finally:
+                    walk.close()
     evaluated = len(checkpoints) - skipped - len(failures)
     if not zero:
         return 1 if failures else 0
@@ -288,6 +302,25 @@ def run_replay(cfg: DictConfig) -> int:
         print("replay: failed:\n" + "\n".join(f"  - {f}" for f in failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
+    """Whether a saved step of `model` is missing from its CSV log or W&B run (read from disk, no W&B start)."""
+    from ce_dynamics import sinks
+    from ce_dynamics.csv_logger import DurableCSVLogger
+    from ce_dynamics.training import _wandb_run_id
+    from ce_dynamics.wandb_history import logged_steps, run_files
+
+    root = Path(cfg.output_dir) / model_slug(model)
+    saved = set(sinks.saved_steps(root, names))
+    if not saved:
+        return False
+    if not saved <= (sinks.ledger(DurableCSVLogger(root)) or set()):
+        return True
+    if cfg.logger.wandb.mode == "disabled":
+        return False
+    run_id = _wandb_run_id(root, f"replay {model}")
+    return not saved <= logged_steps(run_files(root / "wandb", run_id), sinks.ROW_PREFIX)
 
 
 def _report(ckpt: Checkpoint, what: str, err: BaseException) -> Failure:

@@ -155,10 +155,15 @@ def test_scalars_also_reach_the_csv_logger(fitted):
     assert sorted(int(r["step"]) for r in rows) == [3, 6]
 
 
-def test_step_override_names_fallback_and_no_step_logged_twice(tmp_path):
+def test_step_override_names_fallback_and_each_step_logged_once_per_logger(tmp_path):
+    from ce_dynamics.csv_logger import DurableCSVLogger, read_metrics_csv
+
+    def logged_steps() -> list[int]:
+        _, rows = read_metrics_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+        return [int(r["step"]) for r in rows if r.get("decomp/val_0/cross_entropy")]
+
     callback = CEDecompositionCallback(log_histograms=False)  # no datamodule, no names: val_<idx>
-    logger = CSVLogger(save_dir=str(tmp_path), name="csv")
-    trainer = _trainer(tmp_path, callback, [logger])
+    trainer = _trainer(tmp_path, callback, [DurableCSVLogger(tmp_path)])
     model = BigramLM()
     callback.step = 1000
     trainer.validate(model, _val_loaders(), verbose=False)
@@ -166,13 +171,13 @@ def test_step_override_names_fallback_and_no_step_logged_twice(tmp_path):
     assert (tmp_path / "arrays" / "val_1" / "step_1000.npz").exists()  # default_root_dir when no output_dir
     callback.step = None
     trainer.validate(model, _val_loaders(), verbose=False)  # global_step 0
-    state = callback.state_dict()
-    assert state == {"last_logged_step": 0}
-    resumed = CEDecompositionCallback(output_dir=tmp_path / "again")
-    resumed.load_state_dict(state)
-    _trainer(tmp_path, resumed, False).validate(model, _val_loaders(), verbose=False)
-    assert not (tmp_path / "again").exists()  # step 0 was logged before the "resume": not again
-    assert resumed.last_results["val_0"] == callback.last_results["val_0"]
+    trainer.validate(model, _val_loaders(), verbose=False)  # step 0 again: the logger already holds it
+    assert logged_steps() == [1000, 0]
+    # a new process on the same run: a fresh logger reads the file back, a fresh callback logs nothing twice
+    again = CEDecompositionCallback(log_histograms=False)
+    _trainer(tmp_path, again, [DurableCSVLogger(tmp_path)]).validate(model, _val_loaders(), verbose=False)
+    assert logged_steps() == [1000, 0]
+    assert again.last_results["val_0"] == callback.last_results["val_0"]
 
 
 def test_bad_validation_outputs_raise_a_clear_error(tmp_path):
