@@ -6,8 +6,10 @@
 
 Every member uses the experiment's config (same tokenizer, data, token budget and schedule) with its own
 (hidden_size, num_hidden_layers) from `sweep.sizes`, is trained by `ce_dynamics.training.run_training` into
-`output_dir/<member>/`, and its final validation state (`arrays/<dataset>/step_<max_steps>.npz`) becomes one row
-per dataset of `output_dir/results.jsonl`. A rerun resumes (see `run_sweep_rows`).
+`output_dir/<member>/`, and its final validation state (`arrays/<dataset>/step_<max_steps>.npz`; training always
+evaluates its final model, whatever `trainer.val_check_interval`) becomes one row per dataset of
+`output_dir/results.jsonl`. A rerun resumes (see `run_sweep_rows`): finished members are reused, a killed one
+resumes from its `last.ckpt`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def member_config(argv: Sequence[str], hidden: int, layers: int) -> DictConfig:
     base = load_config(["experiment=tiny_scaling", *argv])
     heads = 4 if hidden % 4 == 0 else 2
     return load_config([
-        "experiment=tiny_scaling", *argv, "mode=train",
+        "experiment=tiny_scaling", *argv, "mode=train", "ckpt_path=last",  # a killed member resumes
         f"model.hidden_size={hidden}", f"model.num_hidden_layers={layers}", f"model.num_attention_heads={heads}",
         f"model.intermediate_size={4 * hidden}", f"output_dir={Path(base.output_dir) / member_name(hidden, layers)}",
     ])
@@ -60,6 +62,9 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
     rows = []
     for dataset in cfg.data.eval_sets:
         step = max(numbers[dataset])
+        if step != cfg.trainer.max_steps:
+            raise RuntimeError(f"{model} in {cfg.output_dir} was last evaluated at step {step}, not at "
+                               f"trainer.max_steps={cfg.trainer.max_steps}; give the sweep its own output_dir")
         values = numbers[dataset][step]
         rows.append({
             "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
@@ -79,6 +84,7 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
     """
     from ce_dynamics.config import load_config
     from ce_dynamics.files import append_result_rows, done_keys
+    from ce_dynamics.sinks import saved_steps
     from ce_dynamics.training import run_training
 
     base = load_config(["experiment=tiny_scaling", *argv])
@@ -87,8 +93,7 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
     done = done_keys(path)
     for hidden, layers in sizes:
         cfg = member_config(argv, hidden, layers)
-        final = Path(cfg.output_dir) / "arrays" / cfg.data.eval_sets[0] / f"step_{cfg.trainer.max_steps}.npz"
-        if not final.exists():
+        if cfg.trainer.max_steps not in saved_steps(Path(cfg.output_dir), cfg.data.eval_sets):  # not finished
             code = run_training(cfg)
             if code != 0:
                 raise RuntimeError(f"training {member_name(hidden, layers)} failed with exit code {code}")
