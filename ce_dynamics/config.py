@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ce_dynamics.config_schema import MODES, ConfigError, flat_items, check_types
+from ce_dynamics.config_schema import ConfigError, check_types, flat_items
 
 __all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
 
