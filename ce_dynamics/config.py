@@ -116,7 +116,7 @@ def preflight(cfg: DictConfig) -> None:
     * `output_dir` must be a directory this process can write (or creatable in one);
     * a fresh `mode=train` run (ckpt_path null) refuses an output_dir that holds a run (any of RUN_ENTRIES),
       naming the ways on, unless `overwrite=true`, which deletes those entries (nothing else) first.
-      Replay and sweep reruns resume by design and are never refused.
+      Replay and sweep reruns resume by design and are never refused; nor is a non-zero rank of a launch.
     Raises ConfigError; changes nothing on refusal.
     """
     if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
@@ -124,8 +124,8 @@ def preflight(cfg: DictConfig) -> None:
                           f"(output_dir/checkpoints/last.ckpt) or the path of a checkpoint")
     out = Path(cfg.output_dir)
     _check_writable(out)
-    if cfg.mode != "train" or cfg.ckpt_path is not None:
-        return
+    if cfg.mode != "train" or cfg.ckpt_path is not None or not _first_process():
+        return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
     if not existing:
         return
@@ -140,6 +140,11 @@ def preflight(cfg: DictConfig) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _first_process() -> bool:
+    """False in a process a launcher started as a non-zero rank (Lightning's DDP children, torchrun, SLURM)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 def _check_writable(out: Path) -> None:
