@@ -111,3 +111,18 @@ def test_a_read_only_output_dir_is_refused(tmp_path):
 def test_an_unwritable_output_dir_is_refused_even_for_root():
     with pytest.raises(ConfigError, match="output_dir=/proc/ce_dynamics_run is not writable"):
         preflight(load_config(["output_dir=/proc/ce_dynamics_run"]))
+
+
+@pytest.mark.parametrize("var", ["LOCAL_RANK", "NODE_RANK", "RANK"])
+def test_a_ddp_child_leaves_the_rerun_rule_to_rank_zero(old_run, monkeypatch, var):
+    """Lightning's DDP launcher re-runs train.py for ranks > 0 (LOCAL_RANK=1, ...) after rank zero has begun
+    writing into output_dir: a child must neither refuse that nor clear it."""
+    out = old_run["out"]
+    before = snapshot(out)
+    monkeypatch.setenv(var, "1")
+    preflight(load_config([f"output_dir={out}"]))
+    preflight(load_config([f"output_dir={out}", "overwrite=true"]))
+    assert snapshot(out) == before
+    monkeypatch.setenv(var, "0")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        preflight(load_config([f"output_dir={out}"]))
