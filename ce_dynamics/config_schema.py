@@ -164,7 +164,7 @@ RULES: dict[str, Rule] = {
     "replay.dtype": one_of("float32", "bfloat16"),
 }
 
-# Fields of a data.eval catalog entry (or data.train) that the loaders read; other fields pass unchecked.
+# Fields of a data.eval catalog entry that ce_dynamics.data reads; other fields pass unchecked (the catalog is open).
 CATALOG_FIELDS: dict[str, Rule] = {
     "source": one_of(*SOURCES),
     "path": STR | NULL,
@@ -254,7 +254,7 @@ def flat_items(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
             value = cfg[key]
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: cannot resolve its value ({str(err).splitlines()[0]})") from None
-        if isinstance(value, DictConfig) and name not in ("data.eval",) and not name.startswith("data.eval."):
+        if isinstance(value, DictConfig) and name != "data.eval":
             out.extend(flat_items(value, f"{name}."))
         else:
             out.append((name, _plain(value)))
@@ -277,8 +277,14 @@ def _default_rule(default: Any) -> Rule:
 
 
 def _shown(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value).replace("None", "null").replace("True", "true") \
-        .replace("False", "false")
+    """The value as the user would type it back: strings quoted, null/true/false in YAML's words."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_shown, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + "}"
+    return {None: "null", True: "true", False: "false"}.get(value, str(value)) if not _is_number(value) else str(value)
 
 
 def _refuse(key: str, value: Any, expected: str) -> None:

@@ -4,6 +4,7 @@ ckpt_path or an unwritable output_dir is refused before any work (item 4)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from ce_dynamics.config import RUN_ENTRIES, ConfigError, load_config, preflight
-from test_train_e2e import small, train_py
+from test_train_e2e import small
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
@@ -30,11 +34,13 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory):
-    """A real 2-step train.py run (W&B offline, CSV, arrays, checkpoints) plus a file of the user's."""
+    """A real 2-step train.py run (W&B offline, CSV, arrays, checkpoints) plus a file of the user's.
+
+    In this process (train.py's main), which already imported lightning: a subprocess costs seconds more."""
     tmp = tmp_path_factory.mktemp("rerun")
     out, cache = tmp / "out", tmp / "cache"
     args = [*small(out, cache), "trainer.max_steps=2"]
-    train_py(*args)
+    assert train_script.main(args) == 0
     (out / "notes.txt").write_text("mine")
     return {"out": out, "args": args}
 
