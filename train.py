@@ -14,16 +14,29 @@ from __future__ import annotations
 
 import sys
 
-from ce_dynamics.config import ConfigError, load_config
+from omegaconf import DictConfig
+
+from ce_dynamics.config import ConfigError, load_config, preflight
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run train.py with `argv` (default: the command line); return the exit code (2 for config errors)."""
+    """Run train.py with `argv` (default: the command line); return the exit code.
+
+    A config error (bad key or value, missing ckpt_path, unwritable output_dir, a fresh run into a directory
+    holding a run) prints one line and returns 2, before torch or lightning is imported.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
+        preflight(cfg)
+        return _dispatch(cfg, argv)
     except ConfigError as err:
         print(f"train.py: config error: {err}", file=sys.stderr)
         return 2
+
+
+def _dispatch(cfg: DictConfig, argv: list[str]) -> int:
+    """Run the mode `cfg.mode` names."""
     if cfg.mode == "replay":
         from ce_dynamics.replay import run_replay
 
@@ -31,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.mode == "sweep":
         from ce_dynamics.sweep import run_sweep
 
-        return run_sweep(sys.argv[1:] if argv is None else argv)
+        return run_sweep(argv)
     from ce_dynamics.training import run_training
 
     return run_training(cfg)

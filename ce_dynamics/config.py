@@ -1,18 +1,27 @@
 """OmegaConf composition for train.py: `configs/default.yaml`, then `configs/experiment/<name>.yaml`, then
-the command line's `key=value` dotlist, in struct mode so a misspelt key fails instead of being ignored."""
+the command line's `key=value` dotlist, in struct mode so a misspelt key fails instead of being ignored; every
+value is then checked against `config_schema.RULES` (types, ranges, `trainer.*` against lightning.Trainer).
+`preflight(cfg)` checks the filesystem side (ckpt_path, output_dir, reruns) before any work starts."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ce_dynamics.config_schema import ConfigError, check_types, flat_items
+
+__all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A bad experiment name, key or value; the message says what exists. train.py exits 2 on it."""
+# What a training run writes under output_dir: a fresh run refuses a directory holding any of them.
+RUN_ENTRIES = ("checkpoints", "arrays", "csv", "wandb", "wandb_run_ids.json")
 
 
 def available_experiments(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -58,7 +67,8 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     """Compose default.yaml <- experiment <- `argv` dotlist; raise ConfigError listing what exists.
 
     `data.eval` is a catalog of user-named eval sets, so new names may be added there
-    (`data.eval.mine.source=file data.eval.mine.path=a.txt data.eval_sets=[mine]`); everything else is strict.
+    (`data.eval.mine.source=file data.eval.mine.path=a.txt data.eval_sets=[mine]`), and `trainer.*` takes any
+    argument of `lightning.Trainer`; everything else is strict. Reads no file but the configs, imports no torch.
     """
     cli = _parse_dotlist(list(argv))
     base = OmegaConf.load(config_dir / "default.yaml")
@@ -68,9 +78,12 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
         raise ConfigError(f"unknown experiment '{name}'; available: {', '.join(experiments)}")
     OmegaConf.set_struct(base, True)
     OmegaConf.set_struct(base.data.eval, False)
+    OmegaConf.set_struct(base.trainer, False)  # any Trainer argument; checked against its signature below
+    defaults = dict(flat_items(base))
     cfg = _merge(base, OmegaConf.load(config_dir / "experiment" / f"{name}.yaml"), f"experiment '{name}'")
     cfg = _merge(cfg, cli, "command line")
     cfg.experiment = name
+    check_types(cfg, defaults)
     _check(cfg)
     if cfg.output_dir is None:
         cfg.output_dir = f"outputs/{cfg.experiment}/{cfg.mode}"
@@ -78,22 +91,71 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.mode not in ("train", "replay", "sweep"):
-        raise ConfigError(f"mode must be 'train', 'replay' or 'sweep', got '{cfg.mode}'")
+    """Checks that involve several keys (each key's own type and range is config_schema's)."""
     if cfg.mode == "sweep" and not cfg.sweep.sizes:
         raise ConfigError("mode=sweep needs sweep.sizes=[[hidden_size,num_hidden_layers],...] (e.g. experiment=tiny_scaling)")
-    if cfg.checkpoint.keep not in ("last", "all"):
-        raise ConfigError(f"checkpoint.keep must be 'last' or 'all', got '{cfg.checkpoint.keep}'")
-    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.wandb.mode must be offline, online or disabled, got '{cfg.logger.wandb.mode}'")
-    if cfg.replay.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"replay.dtype must be float32 or bfloat16, got '{cfg.replay.dtype}'")
     unknown = [n for n in cfg.data.eval_sets if n not in cfg.data.eval]
     if unknown or not cfg.data.eval_sets:
         raise ConfigError(
             f"data.eval_sets must name entries of data.eval; unknown {unknown}, available: {', '.join(cfg.data.eval)}"
         )
-    for key in ("seq_len", "eval_sequences", "batch_size"):
-        value = cfg.data[key]
-        if not isinstance(value, int) or value < (2 if key == "seq_len" else 1):
-            raise ConfigError(f"data.{key} must be a positive integer (seq_len >= 2), got {value!r}")
+    m = cfg.model
+    if m.pretrained and not m.hub_id:
+        raise ConfigError("model.pretrained=true needs model.hub_id (the Hugging Face id to load)")
+    if not m.pretrained and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be a multiple of "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if cfg.overwrite and cfg.ckpt_path is not None:
+        raise ConfigError(f"overwrite=true starts afresh but ckpt_path={cfg.ckpt_path} resumes: give one of them")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Refuse, before any work, what would fail or damage a run later; with `overwrite=true`, clear the old run.
+
+    * `ckpt_path` must be null, `last` or an existing path;
+    * `output_dir` must be a directory this process can write (or creatable in one);
+    * a fresh `mode=train` run (ckpt_path null) refuses an output_dir that holds a run (any of RUN_ENTRIES),
+      naming the ways on, unless `overwrite=true`, which deletes those entries (nothing else) first.
+      Replay and sweep reruns resume by design and are never refused; nor is a non-zero rank of a launch.
+    Raises ConfigError; changes nothing on refusal.
+    """
+    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file; expected null, 'last' "
+                          f"(output_dir/checkpoints/last.ckpt) or the path of a checkpoint")
+    out = Path(cfg.output_dir)
+    _check_writable(out)
+    if cfg.mode != "train" or cfg.ckpt_path is not None or not _first_process():
+        return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
+    existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    if not existing:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({', '.join(existing)}); resume it with ckpt_path=last, or start "
+            f"a new run with output_dir=<another directory> (overwrite=true deletes the old run first)"
+        )
+    for name in existing:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _first_process() -> bool:
+    """False in a process a launcher started as a non-zero rank (Lightning's DDP children, torchrun, SLURM)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output_dir that cannot be created or written, by trying (permission bits lie to root)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output_dir={out}: {probe} is not a directory; expected a directory path")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as err:
+        raise ConfigError(f"output_dir={out} is not writable ({err.strerror} in {probe}); expected a directory "
+                          f"this user can write, e.g. output_dir=/tmp/run") from None
