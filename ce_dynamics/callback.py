@@ -12,6 +12,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "wandb")
+
 import lightning as L
 import numpy as np
 import torch

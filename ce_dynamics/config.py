@@ -5,10 +5,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ce_dynamics._extras import require
+
+require("omegaconf")
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """`ce_dynamics/configs` of an installed package (pyproject maps the repo's configs/ there), else the
+    source checkout's top-level `configs/` (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if (installed / "default.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ce_dynamics._extras import require
+
+require("matplotlib")
+
 import numpy as np
 from matplotlib.figure import Figure
 

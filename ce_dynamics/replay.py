@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("omegaconf", "transformers", "lightning")
+
 from omegaconf import DictConfig
 
 from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results

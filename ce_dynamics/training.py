@@ -9,6 +9,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "transformers", "omegaconf")
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
