@@ -241,13 +241,12 @@ class CEDecompositionCallback(Callback):
     def _wandb_media(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
         import wandb
 
-        from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
+        from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
 
         media: dict[str, Any] = {}
         for name, (p_e, q_e) in distributions.items():
-            edges = rank_bucket_edges(len(p_e), self.max_buckets)
-            for key, values in (("p_e", p_e), ("q_e", q_e)):
-                media[f"decomp/{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))
+            for key, histogram in wandb_rank_histograms(p_e, q_e, self.max_buckets).items():  # x: log10(rank + 1)
+                media[f"decomp/{name}/{key}"] = histogram
             renderer = self._renderers.setdefault(name, PEQERenderer())
             media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
         return media
