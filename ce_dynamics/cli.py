@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 _MODES = ("train", "replay", "sweep")
 
-USAGE = """usage: ce-dynamics {train,replay,sweep} [key=value ...]
+USAGE = """usage: ce-dynamics {{train,replay,sweep}} [key=value ...]
        ce-dynamics scaling RESULTS.jsonl [--out DIR] [--step N] [--min-models K] [--no-figures]
        ce-dynamics experiments
 
@@ -35,6 +35,9 @@ experiments: {experiments}
 
 
 def _usage() -> str:
+    from ce_dynamics._extras import require
+
+    require("omegaconf")
     from ce_dynamics.config import CONFIG_DIR, available_experiments
 
     return USAGE.format(config_dir=CONFIG_DIR, experiments=", ".join(available_experiments()))
@@ -73,8 +76,17 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ce-dynamics` command."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `ce-dynamics` command (exit 1 with the extra to install when one is missing)."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except ImportError as err:
+        if "ce-dynamics[" not in str(err):  # not one of ours: a real bug, show the traceback
+            raise
+        print(f"ce-dynamics: {err}", file=sys.stderr)
+        return 1
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
