@@ -60,7 +60,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     if cfg.mode == "replay":
         from ce_dynamics.replay import run_replay
 
-        code = run_replay(cfg)
+        code = run_replay(cfg, command_line=argv)
     elif cfg.mode == "sweep":
         from ce_dynamics.sweep import run_sweep
 

@@ -234,12 +234,65 @@ class _ModelWalk:
                 logger.experiment.finish()
 
 
-def run_replay(cfg: DictConfig) -> int:
+_HARDWARE = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1}
+
+
+def command_line_keys(argv: Iterable[str]) -> set[str]:
+    """The config keys a `key=value` command line sets (`trainer.devices=2` -> `trainer.devices`)."""
+    return {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg}
+
+
+def fit_hardware(cfg: DictConfig, given: Iterable[str]) -> list[str]:
+    """Replay on the hardware at hand: the experiment's `trainer.accelerator/devices/strategy/num_nodes` (8 GPUs,
+    DDP: settings for mode=train) become auto/1/auto/1, i.e. one GPU if there is one, else the CPU, except the
+    keys in `given` (those set on the command line). In place; returns what changed, as `key: old -> new`."""
+    given = set(given)
+    changed = []
+    for key, value in _HARDWARE.items():
+        old = cfg.trainer[key]
+        if f"trainer.{key}" not in given and old != value:
+            cfg.trainer[key] = value
+            changed.append(f"trainer.{key}: {old} -> {value}")
+    return changed
+
+
+def hardware_problem(cfg: DictConfig) -> str | None:
+    """Why `cfg.trainer`'s accelerator/devices/strategy cannot run on this machine (None if they can): the
+    Trainer's own check, made once before the walk instead of failing at every checkpoint."""
+    import lightning as L
+
+    settings = {key: cfg.trainer[key] for key in _HARDWARE}
+    try:
+        L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False)
+    except Exception as err:  # noqa: BLE001 - Lightning raises several types for unavailable hardware
+        given = " ".join(f"trainer.{k}={v}" for k, v in settings.items())
+        reason = " ".join(str(err).split())
+        return (f"{given} cannot run on this machine ({type(err).__name__}: {reason}); drop these trainer.* "
+                "overrides to replay on the hardware at hand (one GPU if present, else the CPU)")
+    return None
+
+
+def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> int:
     """Walk `cfg`'s checkpoints (see the module docstring); 0 when all were evaluated, 1 if some failed,
-    2 for a bad replay configuration."""
+    2 for a bad replay configuration or hardware settings this machine cannot run.
+
+    `command_line`: the `key=value` arguments the config came from; given, the trainer's hardware keys not set
+    there are fitted to this machine (:func:`fit_hardware`). None: `cfg.trainer` is used as it is.
+    """
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
+    if command_line is not None:
+        cfg = copy.deepcopy(cfg)
+        changed = fit_hardware(cfg, command_line_keys(command_line))
+        if changed and rank_zero_only.rank == 0:
+            print(f"replay: on the hardware at hand ({'; '.join(changed)}); the experiment's settings apply to "
+                  "mode=train, give trainer.* on the command line to choose", file=sys.stderr)
+    problem = hardware_problem(cfg)
+    if problem is not None:
+        print(f"replay: {problem}", file=sys.stderr)
+        return 2
     try:
         checkpoints = plan(cfg)
     except ValueError as err:
