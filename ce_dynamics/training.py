@@ -23,6 +23,7 @@ from ce_dynamics.callback import CEDecompositionCallback
 from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
 from ce_dynamics.files import atomic_open
 from ce_dynamics.module import CausalLMModule
+from ce_dynamics.progress import console_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def run_training(cfg: DictConfig) -> int:
                         save_last=True, save_top_k=-1 if cfg.checkpoint.keep == "all" else 0, every_n_epochs=1,
                         save_on_train_epoch_end=False),  # after every validation
         LearningRateMonitor(logging_interval="step"),
+        *console_callbacks(cfg.trainer),  # a progress bar over optimizer steps; no "Total FLOPs: 0"
     ]
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
@@ -162,7 +164,7 @@ def run_training(cfg: DictConfig) -> int:
     trainer = build_trainer(cfg, callbacks, loggers)
     try:
         if ckpt_path is None:
-            trainer.validate(module, datamodule=datamodule)  # step 0: the untrained model on every chart
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # step 0: the untrained model on every chart
         if trainer.max_steps != 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
