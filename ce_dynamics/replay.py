@@ -9,6 +9,12 @@ log, `arrays/<dataset>/step_<N>.npz`); one W&B run per model, resumed on a rerun
 A rerun skips the (model, revision, dataset) rows already in the results file, so an interrupted walk only
 does the missing work and logs no W&B step twice. A checkpoint that cannot be loaded is reported (hub id,
 revision, cache location, reason); the walk goes on and the exit code is 1 at the end.
+
+`replay.revisions=all` walks every `stepN` branch (offline: the refs the cache holds) in step order. Each row
+records the `commit` its revision resolved to; two revisions with identical weights get a warning naming both
+(ce_dynamics/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
+The trainer's accelerator/devices/strategy/num_nodes not given on the command line are fitted to this
+machine (:func:`fit_hardware`), and a setting it cannot run is refused before the walk.
 """
 
 from __future__ import annotations
@@ -97,6 +103,12 @@ def plan(cfg: DictConfig) -> list[Checkpoint]:
     models = list(cfg.replay.models) or ([cfg.model.hub_id] if cfg.model.hub_id else [])
     if not models:
         raise ValueError("nothing to replay: set replay.models=[ORG/NAME,...], model.hub_id, or replay.checkpoints=DIR")
+    if isinstance(cfg.replay.revisions, str):
+        if cfg.replay.revisions != "all":
+            raise ValueError(f"replay.revisions must be a list of training steps or 'all', got {cfg.replay.revisions!r}")
+        from ce_dynamics.revisions import step_revisions
+
+        return [Checkpoint(str(m), rev, step) for m in models for rev, step in step_revisions(str(m))]
     revisions = _hub_revisions(cfg.replay.revisions)
     if not revisions:
         raise ValueError("replay.revisions is empty; give training steps, e.g. replay.revisions=[0,1000]")
@@ -204,7 +216,8 @@ class _ModelWalk:
             self._datamodule = (key, build_datamodule(sub, tokenizer))
         return self._datamodule[1]
 
-    def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str]) -> list[dict[str, Any]]:
+    def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str],
+                 commit: str | None = None) -> list[dict[str, Any]]:
         """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
         from ce_dynamics.callback import CEDecompositionCallback
         from ce_dynamics.scaling import non_embedding_params
@@ -220,7 +233,7 @@ class _ModelWalk:
             return []
         params = non_embedding_params(module.model)
         return [
-            {"model": ckpt.model, "revision": ckpt.revision, "step": ckpt.step, "dataset": name,
+            {"model": ckpt.model, "revision": ckpt.revision, "commit": commit, "step": ckpt.step, "dataset": name,
              "num_tokens": int(callback.last_results[name]["num_tokens"]), "non_embedding_params": params,
              **{key: float(callback.last_results[name][key]) for key in KEYS}}
             for name in names
@@ -304,6 +317,7 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     eval_sets = list(cfg.data.eval_sets)
     failures: list[Failure] = []
     walks: dict[str, _ModelWalk] = {}
+    digests: dict[tuple[str, str], str] = {}  # (model, weights sha256) -> the first revision that had them
     skipped = 0
     zero = rank_zero_only.rank == 0  # under DDP every rank walks; one bar and one summary
     bar = tqdm(checkpoints, desc="replay", unit="ckpt", dynamic_ncols=True, file=sys.stderr, disable=not zero)
@@ -321,9 +335,11 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             except Exception as err:  # noqa: BLE001 - any load error is reported and the walk goes on
                 failures.append(_report(ckpt, "load", err))
                 continue
+            commit = None
             try:
+                commit = _check_integrity(ckpt, module, digests) if zero else None
                 walk = walks.get(ckpt.model) or walks.setdefault(ckpt.model, _ModelWalk(cfg, ckpt.model))
-                rows = walk.evaluate(ckpt, module, tokenizer, names)
+                rows = walk.evaluate(ckpt, module, tokenizer, names, commit=commit)
                 if rows:
                     append_result_rows(results_path, rows)
                     done.update((r["model"], r["revision"], r["dataset"]) for r in rows)
@@ -332,6 +348,8 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             finally:
                 del module, tokenizer
                 _free_memory()
+                if not cfg.replay.keep_weights and zero and commit is not None:
+                    _delete_weights(ckpt, commit)
     finally:
         bar.close()
         for walk in walks.values():
@@ -345,6 +363,36 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
         print("replay: failed:\n" + "\n".join(f"  - {f}" for f in failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str], str]) -> str | None:
+    """The commit a hub revision resolved to (None for a checkpoint file); warns when its weights equal an
+    earlier revision's of the same model (pythia issue #205: some branches hold the same weights)."""
+    import warnings
+
+    from ce_dynamics.revisions import resolved_commit, weights_digest
+
+    digest = weights_digest(module.model)
+    first = digests.setdefault((ckpt.model, digest), ckpt.revision)
+    if first != ckpt.revision:
+        message = (f"{ckpt.model}: revisions {first} and {ckpt.revision} have identical weights (sha256 "
+                   f"{digest[:12]}); the second is not a different point of training")
+        warnings.warn(message, stacklevel=2)
+        print(f"replay: warning: {message}", file=sys.stderr)
+    return resolved_commit(ckpt.model, ckpt.revision) if ckpt.path is None else None
+
+
+def _delete_weights(ckpt: Checkpoint, commit: str) -> None:
+    """replay.keep_weights=false: free the evaluated revision's downloaded files."""
+    from ce_dynamics.revisions import delete_revision_files
+
+    try:
+        freed = delete_revision_files(ckpt.model, commit)
+    except Exception as err:  # noqa: BLE001 - a cache we cannot clean must not stop the walk
+        print(f"replay: could not delete {ckpt.model} {ckpt.revision} ({commit}) from the cache: {err!r}",
+              file=sys.stderr)
+        return
+    log.info("replay: deleted %s %s (%s) from the cache, %.1f MB", ckpt.model, ckpt.revision, commit, freed / 1e6)
 
 
 def _report(ckpt: Checkpoint, what: str, err: BaseException) -> Failure:
