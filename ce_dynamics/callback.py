@@ -131,6 +131,7 @@ class CEDecompositionCallback(Callback):
             return
         if trainer.is_global_zero:
             self._log(trainer, results, step)
+            self._log_state_artifact(trainer, states, step)
             if self.save_arrays:
                 self._save(trainer, states, step)
         if self.step is None:
@@ -219,6 +220,15 @@ class CEDecompositionCallback(Callback):
                 self._log_wandb_row(logger.experiment, {**scalars, "trainer/global_step": step}, results, step)
             else:
                 logger.log_metrics(scalars, step=step)
+
+    def _log_state_artifact(self, trainer: L.Trainer, states: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                            step: int) -> None:
+        """The validation's npz state as a version of the run's W&B Artifact (ce_dynamics/wandb_artifacts.py)."""
+        from ce_dynamics.wandb_artifacts import log_state_artifact
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.log_histograms:
+                log_state_artifact(logger.experiment, states, step)
 
     def _log_wandb_row(self, run: Any, scalars: dict[str, Any], results: Mapping[str, Mapping[str, torch.Tensor]],
                        step: int) -> None:
