@@ -145,3 +145,53 @@ def test_wandb_gets_log_rank_histograms_and_image(model, tmp_path, monkeypatch):
     assert row["decomp/code/p_e.bins"][1] == pytest.approx(math.log10(2))
     assert row["decomp/code/p_e.bins"][-1] == pytest.approx(math.log10(V + 1))
     assert any("eval/code_cross_entropy" in r for r in rows)  # the Trainer's own W&B callback logged the scalars
+
+
+_TWO_PROCESSES = r'''
+import json, sys
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
+from ce_dynamics.integrations.transformers import CEDecompositionEval
+V, T = %d, %d
+torch.manual_seed(0)
+model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=64)).eval()
+ids = torch.randint(0, V, (10, T), generator=torch.Generator().manual_seed(1))
+data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(10)]
+for batch_mode in (False, True):
+    ev = CEDecompositionEval(V)
+    args = TrainingArguments(output_dir=sys.argv[1], per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             batch_eval_metrics=batch_mode, ddp_backend="gloo")
+    trainer = Trainer(model=model, args=args, eval_dataset=data, compute_metrics=ev.compute_metrics,
+                      preprocess_logits_for_metrics=ev.preprocess_logits_for_metrics)
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        print("METRICS", json.dumps({"world": trainer.args.world_size, "batch": batch_mode, **metrics}))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_give_the_single_process_numbers(model, tmp_path):
+    """accelerate under torchrun, 2 CPU processes on gloo, 10 sequences in batches of 2 (ranks get 3 and 2
+    batches): the Trainer gathers the per-token values, every token is counted once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESSES % (V, T))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[len("METRICS "):]) for line in proc.stdout.splitlines() if line.startswith("METRICS ")]
+    assert [(r["world"], r["batch"]) for r in results] == [(2, False), (2, True)]
+    data = Sequences(1, 10)  # the same sequences and model weights as the script's
+    want, ce, _ = expected(model, data)
+    for metrics in results:
+        assert metrics["eval_num_tokens"] == want["num_tokens"] == 10 * (T - 1)
+        for key in KEYS:
+            assert metrics[f"eval_{key}"] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
