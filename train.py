@@ -14,40 +14,13 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig
-
-from ce_dynamics.config import ConfigError, load_config, preflight
+from ce_dynamics.cli import run_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run train.py with `argv` (default: the command line); return the exit code.
-
-    A config error (bad key or value, missing ckpt_path, unwritable output_dir, a fresh run into a directory
-    holding a run) prints one line and returns 2, before torch or lightning is imported.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cfg = load_config(argv)
-        preflight(cfg)
-        return _dispatch(cfg, argv)
-    except ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
-        return 2
-
-
-def _dispatch(cfg: DictConfig, argv: list[str]) -> int:
-    """Run the mode `cfg.mode` names."""
-    if cfg.mode == "replay":
-        from ce_dynamics.replay import run_replay
-
-        return run_replay(cfg)
-    if cfg.mode == "sweep":
-        from ce_dynamics.sweep import run_sweep
-
-        return run_sweep(argv)
-    from ce_dynamics.training import run_training
-
-    return run_training(cfg)
+    """Run train.py with `argv` (default: the command line); return the exit code (2 for config errors).
+    The same as the installed `ce-dynamics train|replay|sweep` command (ce_dynamics/cli.py)."""
+    return run_config(sys.argv[1:] if argv is None else argv, prog="train.py")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "wandb")
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -228,6 +232,7 @@ class CEDecompositionCallback(Callback):
                 rank_zero_info(f"CEDecompositionCallback: {type(logger).__name__} already holds step {step}; "
                                "not logging it again")
             elif isinstance(logger, WandbLogger) and self.log_histograms:
+                self._log_state_artifact(logger, by_name, step)
                 self._log_wandb_row(logger, step, scalars, sinks.distributions_of(results))
             else:
                 sinks.log_row(logger, step, scalars)
@@ -313,3 +318,11 @@ class CEDecompositionCallback(Callback):
                 f"{len(names)}: {list(names)}; pass dataset_names= or give the datamodule matching eval_names"
             )
         return {idx: names[idx] for idx in self._metrics}
+
+    def _log_state_artifact(self, logger: WandbLogger, states: Mapping[str, Mapping[str, torch.Tensor]],
+                            step: int) -> None:
+        """The validation's npz state as a version of the run's W&B Artifact (ce_dynamics/wandb_artifacts.py)."""
+        from ce_dynamics.wandb_artifacts import log_state_artifact
+
+        log_state_artifact(logger.experiment, {name: (state["rank_counts"], state["rank_log_score_sum"])
+                                               for name, state in states.items()}, step)

@@ -10,6 +10,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ce_dynamics._extras import require
+
+require("omegaconf")
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -17,7 +21,16 @@ from ce_dynamics.config_schema import ConfigError, check_types, flat_items
 
 __all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """`ce_dynamics/configs` of an installed package (pyproject maps the repo's configs/ there), else the
+    source checkout's top-level `configs/` (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if (installed / "default.yaml").is_file() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 # What a training run writes under output_dir: a fresh run refuses a directory holding any of them.

@@ -9,6 +9,10 @@ and drops a torn last line on reading.
 
 from __future__ import annotations
 
+from ce_dynamics._extras import require
+
+require("lightning")
+
 import csv
 import io
 import os

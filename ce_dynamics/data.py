@@ -23,6 +23,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "tokenizers")
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

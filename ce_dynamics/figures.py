@@ -4,7 +4,7 @@
 - fig. 4 :func:`plot_p_e_steps`: the RBE distribution p_e at several steps
 - fig. 6 :func:`plot_p_e_q_e_steps`: p_e against q_e at several steps (one panel each)
 - fig. 7 :func:`plot_scaling_law`: each component against non-embedding parameters with its power-law fit
-- fig. 8 :func:`plot_component_shares`: EE/CE, SA/CE, Conf/CE against model size
+- fig. 8 :func:`plot_component_shares`: each component's share, |M| / (|EE| + |SA| + |Conf|) (or M / CE), against model size
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot state), so they are safe in scripts and show
 inline in notebooks.
@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from ce_dynamics._extras import require
+
+require("matplotlib")
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -154,14 +158,16 @@ def plot_scaling_law(
     return fig
 
 
-def plot_component_shares(rows: Sequence[Mapping]) -> Figure:
-    """Fig. 8: EE/CE, SA/CE and Conf/CE (in %) against model size, one panel per dataset.
+def plot_component_shares(rows: Sequence[Mapping], convention: str = "absolute") -> Figure:
+    """Fig. 8: each component's share (in %) against model size, one panel per dataset.
 
-    Shares are :func:`ce_dynamics.scaling.component_shares`: since CE = EE + SA - Conf they satisfy
+    Shares are :func:`ce_dynamics.scaling.component_shares`: by default ``|M| / (|EE| + |SA| + |Conf|)``
+    (they sum to 100%, as the paper's figure reads); ``convention="signed"``: ``M / CE``, which satisfy
     EE% + SA% - Conf% = 100%.
     """
     datasets = dataset_order(rows)
     families = sorted({family_of(r) for r in rows})
+    signed = convention == "signed"
     fig = Figure(figsize=(4.8 * len(datasets), 3.8), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
@@ -171,17 +177,18 @@ def plot_component_shares(rows: Sequence[Mapping]) -> Figure:
             if not subset:
                 continue
             x = [r["non_embedding_params"] for r in subset]
-            shares = [component_shares(r) for r in subset]
+            shares = [component_shares(r, convention) for r in subset]
             for comp in COMPONENTS[1:]:
+                label = f"{SHORT_NAMES[comp]} / CE" if signed else f"|{SHORT_NAMES[comp]}|"
                 ax.plot(x, [100.0 * s[comp] for s in shares], marker=_MARKERS[k % len(_MARKERS)], ms=5,
-                        color=COLORS[comp], label=f"{SHORT_NAMES[comp]} / CE" if k == 0 else None)
+                        color=COLORS[comp], label=label if k == 0 else None)
         if len(families) > 1:  # markers tell families apart; colours tell components apart
             for k, family in enumerate(families):
                 ax.plot([], [], _MARKERS[k % len(_MARKERS)], color="grey", label=family)
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters")
-        ax.set_ylabel("share of cross-entropy (%)")
+        ax.set_ylabel("share of cross-entropy (%)" if signed else "share of |EE| + |SA| + |Conf| (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

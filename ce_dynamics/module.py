@@ -7,6 +7,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "transformers")
+
 import lightning as L
 import torch
 import torch.nn.functional as F

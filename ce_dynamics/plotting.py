@@ -46,6 +46,30 @@ def bucket_sums(values_per_rank: Any, edges: np.ndarray) -> np.ndarray:
     return np.add.reduceat(values, edges[:-1])
 
 
+def log_rank_edges(edges: np.ndarray) -> np.ndarray:
+    """Bucket edges on the ``log10(rank + 1)`` axis: bucket ``[e_i, e_{i+1})`` spans
+    ``[log10(e_i + 1), log10(e_{i+1} + 1))``, so the first bucket, rank 0 alone, is ``[0, log10 2)``.
+
+    W&B draws a histogram's bins on a linear axis: on raw rank edges the head, which holds most of the mass,
+    is a sliver next to a tail reaching the vocabulary size; on this axis the geometric buckets are evenly wide.
+    """
+    edges = np.asarray(edges)
+    if edges.ndim != 1 or len(edges) < 2 or edges[0] != 0 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"Expected increasing rank edges starting at 0 (rank_bucket_edges), got {edges!r}.")
+    return np.log10(edges.astype(np.float64) + 1.0)
+
+
+def wandb_rank_histograms(p_e: Any, q_e: Any, max_buckets: int = 512) -> dict[str, Any]:
+    """``{"p_e": wandb.Histogram, "q_e": wandb.Histogram}``: the per-rank mass summed in
+    :func:`rank_bucket_edges` buckets, drawn on the ``log10(rank + 1)`` axis (:func:`log_rank_edges`)."""
+    import wandb
+
+    p, q = _checked_pair(p_e, q_e)
+    edges = rank_bucket_edges(len(p), max_buckets)
+    x = log_rank_edges(edges)
+    return {key: wandb.Histogram(np_histogram=(bucket_sums(values, edges), x)) for key, values in (("p_e", p), ("q_e", q))}
+
+
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
 
 

@@ -9,6 +9,12 @@ log, `arrays/<dataset>/step_<N>.npz`); one W&B run per model, resumed on a rerun
 A rerun skips the (model, revision, dataset) rows already in the results file, so an interrupted walk only
 does the missing work and logs no W&B step twice. A checkpoint that cannot be loaded is reported (hub id,
 revision, cache location, reason); the walk goes on and the exit code is 1 at the end.
+
+`replay.revisions=all` walks every `stepN` branch (offline: the refs the cache holds) in step order. Each row
+records the `commit` its revision resolved to; two revisions with identical weights get a warning naming both
+(ce_dynamics/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
+The trainer's accelerator/devices/strategy/num_nodes not given on the command line are fitted to this
+machine (:func:`fit_hardware`), and a setting it cannot run is refused before the walk.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ce_dynamics._extras import require
+
+require("omegaconf", "transformers", "lightning")
 
 from omegaconf import DictConfig
 
@@ -93,6 +103,12 @@ def plan(cfg: DictConfig) -> list[Checkpoint]:
     models = list(cfg.replay.models) or ([cfg.model.hub_id] if cfg.model.hub_id else [])
     if not models:
         raise ValueError("nothing to replay: set replay.models=[ORG/NAME,...], model.hub_id, or replay.checkpoints=DIR")
+    if isinstance(cfg.replay.revisions, str):
+        if cfg.replay.revisions != "all":
+            raise ValueError(f"replay.revisions must be a list of training steps or 'all', got {cfg.replay.revisions!r}")
+        from ce_dynamics.revisions import step_revisions
+
+        return [Checkpoint(str(m), rev, step) for m in models for rev, step in step_revisions(str(m))]
     revisions = _hub_revisions(cfg.replay.revisions)
     if not revisions:
         raise ValueError("replay.revisions is empty; give training steps, e.g. replay.revisions=[0,1000]")
@@ -200,7 +216,8 @@ class _ModelWalk:
             self._datamodule = (key, build_datamodule(sub, tokenizer))
         return self._datamodule[1]
 
-    def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str]) -> list[dict[str, Any]]:
+    def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str],
+                 commit: str | None = None) -> list[dict[str, Any]]:
         """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
         from ce_dynamics.callback import CEDecompositionCallback
         from ce_dynamics.scaling import non_embedding_params
@@ -216,7 +233,7 @@ class _ModelWalk:
             return []
         params = non_embedding_params(module.model)
         return [
-            {"model": ckpt.model, "revision": ckpt.revision, "step": ckpt.step, "dataset": name,
+            {"model": ckpt.model, "revision": ckpt.revision, "commit": commit, "step": ckpt.step, "dataset": name,
              "num_tokens": int(callback.last_results[name]["num_tokens"]), "non_embedding_params": params,
              **{key: float(callback.last_results[name][key]) for key in KEYS}}
             for name in names
@@ -236,12 +253,65 @@ class _ModelWalk:
                 logger.experiment.finish()
 
 
-def run_replay(cfg: DictConfig) -> int:
+_HARDWARE = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1}
+
+
+def command_line_keys(argv: Iterable[str]) -> set[str]:
+    """The config keys a `key=value` command line sets (`trainer.devices=2` -> `trainer.devices`)."""
+    return {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg}
+
+
+def fit_hardware(cfg: DictConfig, given: Iterable[str]) -> list[str]:
+    """Replay on the hardware at hand: the experiment's `trainer.accelerator/devices/strategy/num_nodes` (8 GPUs,
+    DDP: settings for mode=train) become auto/1/auto/1, i.e. one GPU if there is one, else the CPU, except the
+    keys in `given` (those set on the command line). In place; returns what changed, as `key: old -> new`."""
+    given = set(given)
+    changed = []
+    for key, value in _HARDWARE.items():
+        old = cfg.trainer[key]
+        if f"trainer.{key}" not in given and old != value:
+            cfg.trainer[key] = value
+            changed.append(f"trainer.{key}: {old} -> {value}")
+    return changed
+
+
+def hardware_problem(cfg: DictConfig) -> str | None:
+    """Why `cfg.trainer`'s accelerator/devices/strategy cannot run on this machine (None if they can): the
+    Trainer's own check, made once before the walk instead of failing at every checkpoint."""
+    import lightning as L
+
+    settings = {key: cfg.trainer[key] for key in _HARDWARE}
+    try:
+        L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False)
+    except Exception as err:  # noqa: BLE001 - Lightning raises several types for unavailable hardware
+        given = " ".join(f"trainer.{k}={v}" for k, v in settings.items())
+        reason = " ".join(str(err).split())
+        return (f"{given} cannot run on this machine ({type(err).__name__}: {reason}); drop these trainer.* "
+                "overrides to replay on the hardware at hand (one GPU if present, else the CPU)")
+    return None
+
+
+def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> int:
     """Walk `cfg`'s checkpoints (see the module docstring); 0 when all were evaluated, 1 if some failed,
-    2 for a bad replay configuration."""
+    2 for a bad replay configuration or hardware settings this machine cannot run.
+
+    `command_line`: the `key=value` arguments the config came from; given, the trainer's hardware keys not set
+    there are fitted to this machine (:func:`fit_hardware`). None: `cfg.trainer` is used as it is.
+    """
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
+    if command_line is not None:
+        cfg = copy.deepcopy(cfg)
+        changed = fit_hardware(cfg, command_line_keys(command_line))
+        if changed and rank_zero_only.rank == 0:
+            print(f"replay: on the hardware at hand ({'; '.join(changed)}); the experiment's settings apply to "
+                  "mode=train, give trainer.* on the command line to choose", file=sys.stderr)
+    problem = hardware_problem(cfg)
+    if problem is not None:
+        print(f"replay: {problem}", file=sys.stderr)
+        return 2
     try:
         checkpoints = plan(cfg)
     except ValueError as err:
@@ -253,6 +323,7 @@ def run_replay(cfg: DictConfig) -> int:
     eval_sets = list(cfg.data.eval_sets)
     failures: list[Failure] = []
     walks: dict[str, _ModelWalk] = {}
+    digests: dict[tuple[str, str], str] = {}  # (model, weights sha256) -> the first revision that had them
     skipped = 0
     zero = rank_zero_only.rank == 0  # under DDP every rank walks; one bar and one summary
     bar = tqdm(checkpoints, desc="replay", unit="ckpt", dynamic_ncols=True, file=sys.stderr, disable=not zero)
@@ -270,9 +341,11 @@ def run_replay(cfg: DictConfig) -> int:
             except Exception as err:  # noqa: BLE001 - any load error is reported and the walk goes on
                 failures.append(_report(ckpt, "load", err))
                 continue
+            commit = None
             try:
+                commit = _check_integrity(ckpt, module, digests) if zero else None
                 walk = walks.get(ckpt.model) or walks.setdefault(ckpt.model, _ModelWalk(cfg, ckpt.model))
-                rows = walk.evaluate(ckpt, module, tokenizer, names)
+                rows = walk.evaluate(ckpt, module, tokenizer, names, commit=commit)
                 if rows:
                     append_result_rows(results_path, rows)
                     done.update((r["model"], r["revision"], r["dataset"]) for r in rows)
@@ -281,6 +354,8 @@ def run_replay(cfg: DictConfig) -> int:
             finally:
                 del module, tokenizer
                 _free_memory()
+                if not cfg.replay.keep_weights and zero and commit is not None:
+                    _delete_weights(ckpt, commit)
     finally:
         bar.close()
         for walk in walks.values():
@@ -321,6 +396,36 @@ def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
         return False
     run_id = _wandb_run_id(root, f"replay {model}")
     return not saved <= logged_steps(run_files(root / "wandb", run_id), sinks.ROW_PREFIX)
+
+
+def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str], str]) -> str | None:
+    """The commit a hub revision resolved to (None for a checkpoint file); warns when its weights equal an
+    earlier revision's of the same model (pythia issue #205: some branches hold the same weights)."""
+    import warnings
+
+    from ce_dynamics.revisions import resolved_commit, weights_digest
+
+    digest = weights_digest(module.model)
+    first = digests.setdefault((ckpt.model, digest), ckpt.revision)
+    if first != ckpt.revision:
+        message = (f"{ckpt.model}: revisions {first} and {ckpt.revision} have identical weights (sha256 "
+                   f"{digest[:12]}); the second is not a different point of training")
+        warnings.warn(message, stacklevel=2)
+        print(f"replay: warning: {message}", file=sys.stderr)
+    return resolved_commit(ckpt.model, ckpt.revision) if ckpt.path is None else None
+
+
+def _delete_weights(ckpt: Checkpoint, commit: str) -> None:
+    """replay.keep_weights=false: free the evaluated revision's downloaded files."""
+    from ce_dynamics.revisions import delete_revision_files
+
+    try:
+        freed = delete_revision_files(ckpt.model, commit)
+    except Exception as err:  # noqa: BLE001 - a cache we cannot clean must not stop the walk
+        print(f"replay: could not delete {ckpt.model} {ckpt.revision} ({commit}) from the cache: {err!r}",
+              file=sys.stderr)
+        return
+    log.info("replay: deleted %s %s (%s) from the cache, %.1f MB", ckpt.model, ckpt.revision, commit, freed / 1e6)
 
 
 def _report(ckpt: Checkpoint, what: str, err: BaseException) -> Failure:

@@ -14,6 +14,7 @@ import argparse
 import math
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,17 +121,27 @@ def family_of(row: Mapping | str) -> str:
     return re.sub(r"[\d.]+$", "", first) or first
 
 
-def component_shares(row: Mapping[str, float]) -> dict[str, float]:
-    """Each component as a fraction of cross-entropy (paper fig. 8): ``EE/CE``, ``SA/CE``, ``Conf/CE``.
+SHARE_CONVENTIONS = ("absolute", "signed")
 
-    Confidence enters CE with a minus sign (CE = EE + SA - Conf), so the shares satisfy
-    ``EE/CE + SA/CE - Conf/CE = 1``: an EE share of 0.9 means Error-Entropy alone is 90% of the loss and
-    the non-scaling part ``SA - Conf`` is the other 10%.
+
+def component_shares(row: Mapping[str, float], convention: str = "absolute") -> dict[str, float]:
+    """Each component's share of the loss (paper fig. 8), as fractions.
+
+    ``absolute`` (default): ``|M| / (|EE| + |SA| + |Conf|)``; the three shares are non-negative and sum to 1,
+    as the paper's fig. 8 reads. ``signed``: ``M / CE``; Confidence enters CE with a minus sign
+    (CE = EE + SA - Conf), so ``EE/CE + SA/CE - Conf/CE = 1``.
     """
-    ce = float(row["cross_entropy"])
-    if ce == 0.0:
-        raise ValueError("component shares are undefined when cross_entropy is 0")
-    return {k: float(row[k]) / ce for k in COMPONENTS[1:]}
+    if convention not in SHARE_CONVENTIONS:
+        raise ValueError(f"convention must be one of {SHARE_CONVENTIONS}, got {convention!r}")
+    if convention == "signed":
+        ce = float(row["cross_entropy"])
+        if ce == 0.0:
+            raise ValueError("component shares are undefined when cross_entropy is 0")
+        return {k: float(row[k]) / ce for k in COMPONENTS[1:]}
+    total = sum(abs(float(row[k])) for k in COMPONENTS[1:])
+    if total == 0.0:
+        raise ValueError("component shares are undefined when |EE| + |SA| + |Conf| is 0")
+    return {k: abs(float(row[k])) / total for k in COMPONENTS[1:]}
 
 
 def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]:
@@ -317,6 +328,12 @@ def _num_models(rows: Sequence[Mapping]) -> int:
 
 
 def _fit_or_raise(x: list, y: list, group: str, dataset: str, component: str) -> PowerLawFit:
+    if min(y) < 0 < max(y):
+        warnings.warn(
+            f"{component} changes sign across the models of {group}/{dataset} (from {min(y):.4g} to {max(y):.4g}): "
+            "its power law is fitted to |value|, which reads a sign change as a fall to 0 and a rise",
+            stacklevel=3,
+        )
     try:
         return fit_power_law(x, y)
     except ValueError as err:

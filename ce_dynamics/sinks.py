@@ -11,6 +11,10 @@ from the ``.npz`` files (:func:`backfill`). Whatever kills the process, each sin
 
 from __future__ import annotations
 
+from ce_dynamics._extras import require
+
+require("lightning")
+
 import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -121,7 +125,7 @@ def log_row(logger: Logger, step: int, scalars: Mapping[str, float], media: Mapp
 
 
 class WandbMedia:
-    """The p_e/q_e histograms (log-spaced rank buckets) and the p_e-vs-q_e image of a validation's row."""
+    """The p_e/q_e histograms (rank buckets on a log10(rank + 1) axis) and the p_e-vs-q_e image of a validation's row."""
 
     def __init__(self, max_buckets: int = 512) -> None:
         self.max_buckets = max_buckets
@@ -130,13 +134,12 @@ class WandbMedia:
     def __call__(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
         import wandb
 
-        from ce_dynamics.plotting import PEQERenderer, bucket_sums, rank_bucket_edges
+        from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
 
         media: dict[str, Any] = {}
         for name, (p_e, q_e) in distributions.items():
-            edges = rank_bucket_edges(len(p_e), self.max_buckets)
-            for key, values in (("p_e", p_e), ("q_e", q_e)):
-                media[f"{ROW_PREFIX}{name}/{key}"] = wandb.Histogram(np_histogram=(bucket_sums(values, edges), edges))
+            for key, histogram in wandb_rank_histograms(p_e, q_e, self.max_buckets).items():  # x: log10(rank + 1)
+                media[f"{ROW_PREFIX}{name}/{key}"] = histogram
             renderer = self._renderers.setdefault(name, PEQERenderer())
             media[f"{ROW_PREFIX}{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
         return media

@@ -17,6 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ce_dynamics._extras import require
+
+require("omegaconf")
+
 from omegaconf import DictConfig
 
 from ce_dynamics.functional import KEYS

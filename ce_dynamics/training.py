@@ -9,6 +9,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ce_dynamics._extras import require
+
+require("lightning", "transformers", "omegaconf")
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
@@ -22,6 +26,7 @@ from ce_dynamics.csv_logger import DurableCSVLogger
 from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
 from ce_dynamics.files import atomic_open
 from ce_dynamics.module import CausalLMModule
+from ce_dynamics.progress import console_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +171,8 @@ def run_training(cfg: DictConfig) -> int:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {width} logits "
                          f"(raise model.vocab_size)")
     callback = CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets))
-    callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step")]
+    callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step"),
+                 *console_callbacks(cfg.trainer)]  # a progress bar over optimizer steps; no "Total FLOPs: 0"
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         last = out / "checkpoints" / "last.ckpt"
@@ -177,7 +183,7 @@ def run_training(cfg: DictConfig) -> int:
     trainer = build_trainer(cfg, callbacks, loggers)
     try:
         if ckpt_path is None:
-            trainer.validate(module, datamodule=datamodule)  # step 0: the untrained model on every chart
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # step 0: the untrained model on every chart
         if trainer.max_steps != 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             if trainer.global_step not in sinks.saved_steps(out, cfg.data.eval_sets):

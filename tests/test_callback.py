@@ -113,7 +113,9 @@ def test_wandb_rows_carry_scalars_histograms_and_image_at_each_validation_step(f
                 assert math.isfinite(row[f"decomp/{name}/{key}"])
             for key in ("p_e", "q_e"):
                 assert row[f"decomp/{name}/{key}._type"] == "histogram"
-                assert row[f"decomp/{name}/{key}.bins"][-1] == V
+                bins = row[f"decomp/{name}/{key}.bins"]  # on log10(rank + 1): rank 0 alone is [0, log10 2)
+                assert bins[0] == 0 and bins[1] == pytest.approx(math.log10(2))
+                assert bins[-1] == pytest.approx(math.log10(V + 1))
             assert row[f"decomp/{name}/p_e_vs_q_e._type"] == "image-file"
     # training lowered the error entropy on both sets
     for name in NAMES:

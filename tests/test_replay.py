@@ -56,7 +56,7 @@ def wandb_history(model_dir: Path) -> list[dict]:
 
 
 def check_row(row: dict) -> None:
-    assert set(row) == set(RESULT_FIELDS)
+    assert set(row) == {*RESULT_FIELDS, "commit"}
     assert row["revision"] == f"step{row['step']}"
     assert row["num_tokens"] == TOKENS_PER_SET
     ce, ee, sa, conf = (row[k] for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"))

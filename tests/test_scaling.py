@@ -94,11 +94,30 @@ def test_exponent_gaps_are_absolute_differences_to_cross_entropy() -> None:
 
 def test_component_shares_follow_the_signed_identity() -> None:
     row = {"cross_entropy": 3.0, "error_entropy": 2.7, "self_alignment": 0.5, "confidence": 0.2}
-    shares = component_shares(row)
+    shares = component_shares(row, "signed")
     assert shares == pytest.approx({"error_entropy": 0.9, "self_alignment": 0.5 / 3, "confidence": 0.2 / 3})
     assert shares["error_entropy"] + shares["self_alignment"] - shares["confidence"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="cross_entropy is 0"):
-        component_shares({**row, "cross_entropy": 0.0})
+        component_shares({**row, "cross_entropy": 0.0}, "signed")
+
+
+def test_component_shares_default_to_absolute_values_summing_to_one() -> None:
+    # Confidence negative (C < 1), as in the paper's tables: |EE| + |SA| + |Conf| = 2.7 + 0.5 + 0.8 = 4.0
+    row = {"cross_entropy": 4.0, "error_entropy": 2.7, "self_alignment": 0.5, "confidence": -0.8}
+    shares = component_shares(row)
+    assert shares == pytest.approx({"error_entropy": 2.7 / 4, "self_alignment": 0.5 / 4, "confidence": 0.8 / 4})
+    assert sum(shares.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        component_shares(row, "percent")
+
+
+def test_a_component_changing_sign_is_fitted_with_a_warning() -> None:
+    rows = [{"model": f"fam-{n}", "dataset": "d", "non_embedding_params": n, "cross_entropy": 4.0 / n ** 0.1,
+             "error_entropy": 3.0 / n ** 0.1, "self_alignment": 1.0 / n ** 0.2, "confidence": c}
+            for n, c in ((1e6, -0.3), (1e7, -0.1), (1e8, 0.2))]
+    with pytest.warns(UserWarning, match=r"confidence changes sign across the models of fam/d \(from -0.3 to 0.2\)"):
+        fits = fit_groups(rows, min_models=3)
+    assert set(fits["fam"]["d"]) == {"cross_entropy", "error_entropy", "self_alignment", "confidence"}
 
 
 @pytest.mark.parametrize(

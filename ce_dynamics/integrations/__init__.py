@@ -1,0 +1,1 @@
+"""Adapters for training loops other than Lightning (``ce_dynamics.integrations.transformers``)."""

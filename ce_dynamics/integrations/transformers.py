@@ -1,0 +1,189 @@
+"""The cross-entropy decomposition inside a Hugging Face ``Trainer``.
+
+    evaluator = CEDecompositionEval(vocab_size=model.config.vocab_size)
+    trainer = Trainer(model, args, eval_dataset={"code": ..., "prose": ...},
+                      preprocess_logits_for_metrics=evaluator.preprocess_logits_for_metrics,
+                      compute_metrics=evaluator.compute_metrics,
+                      callbacks=[CEDecompositionTrainerCallback(evaluator)])
+    trainer.evaluate()  # eval_code_cross_entropy, eval_code_error_entropy, ..., eval_prose_num_tokens
+
+``preprocess_logits_for_metrics`` reduces each batch's ``[B, T, V]`` logits to two numbers per token, the
+right token's rank and log-score, on the logits' device, so the Trainer gathers and keeps ``[B, T, 2]``
+instead of the logits (which for a 50k vocabulary are 25,000 times larger). ``compute_metrics`` sums them into
+the metric's per-rank state, with ``batch_eval_metrics`` False (all at once) or True (batch by batch).
+Under ``accelerate`` with several processes the Trainer gathers the per-token values of every process before
+``compute_metrics``, so every process computes the decomposition of the whole eval set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ce_dynamics._extras import require
+
+require("transformers", "accelerate")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from ce_dynamics.functional import KEYS, accumulate_state, decomposition_from_state, token_ranks_and_log_scores  # noqa: E402
+
+__all__ = ["CEDecompositionEval", "CEDecompositionTrainerCallback"]
+
+_IGNORED = -1.0  # rank of a position that carries no token (ignore_index, or the Trainer's -100 padding)
+
+
+class CEDecompositionEval:
+    """``preprocess_logits_for_metrics`` and ``compute_metrics`` for a ``transformers.Trainer``.
+
+    Args:
+        vocab_size: width ``V`` of the model's logits (``model.config.vocab_size``, padding columns included).
+        ignore_index: label value to skip (the Trainer's and the data collators' -100).
+        shift_labels: the labels are the inputs (causal LM): the logits at ``t`` predict the label at ``t + 1``.
+            False: labels are already aligned with the logits.
+
+    Attributes:
+        last_state: ``(rank_counts, rank_log_score_sum)`` numpy arrays of the last computed evaluation, for
+            :class:`CEDecompositionTrainerCallback` (None before the first).
+    """
+
+    def __init__(self, vocab_size: int, ignore_index: int = -100, shift_labels: bool = True) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"Expected `ignore_index` to be an int, got {ignore_index!r}.")
+        self.vocab_size = vocab_size
+        self.ignore_index = ignore_index
+        self.shift_labels = bool(shift_labels)
+        self.last_state: tuple[np.ndarray, np.ndarray] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._counts = torch.zeros(self.vocab_size, dtype=torch.int64)
+        self._sums = torch.zeros(self.vocab_size, dtype=torch.float64)
+
+    def preprocess_logits_for_metrics(self, logits: Tensor | tuple, labels: Tensor) -> Tensor:
+        """``[B, T, V]`` logits and ``[B, T]`` labels -> ``[B, T', 2]`` (rank, log-score) per position, on the
+        logits' device; ``T' = T - 1`` with ``shift_labels``. Skipped positions hold rank -1."""
+        if isinstance(logits, (tuple, list)):  # model outputs beside the logits (e.g. hidden states)
+            logits = logits[0]
+        if not isinstance(logits, Tensor) or logits.dim() < 2 or logits.shape[-1] != self.vocab_size:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"Expected logits of shape [..., {self.vocab_size}] (vocab_size), got {got}.")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"Expected labels as a torch.Tensor (the Trainer needs `labels` in the batch), got "
+                            f"{type(labels).__name__}.")
+        labels = labels.to(logits.device)
+        if self.shift_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        valid = (labels != self.ignore_index).reshape(-1)
+        ranks, log_scores = token_ranks_and_log_scores(logits, labels, self.ignore_index)
+        dtype = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS has no float64
+        out = torch.full((valid.numel(), 2), _IGNORED, dtype=dtype, device=logits.device)
+        out[valid, 0] = ranks.to(dtype)
+        out[valid, 1] = log_scores.to(dtype)
+        return out.reshape(*labels.shape, 2)
+
+    def update(self, per_token: Any) -> None:
+        """Add ``[..., 2]`` (rank, log-score) values from :meth:`preprocess_logits_for_metrics`."""
+        values = torch.as_tensor(per_token)
+        if values.dim() < 1 or values.shape[-1] != 2:
+            raise ValueError("Expected predictions of shape [..., 2] from CEDecompositionEval."
+                             "preprocess_logits_for_metrics (pass it to the Trainer as preprocess_logits_for_metrics),"
+                             f" got {tuple(values.shape)}.")
+        values = values.reshape(-1, 2).to("cpu", torch.float64)
+        kept = values[values[:, 0] >= 0]  # -1: skipped; -100: the Trainer's padding between batches
+        ranks = kept[:, 0].to(torch.int64)
+        if ranks.numel() and int(ranks.max()) >= self.vocab_size:
+            raise ValueError(f"Expected ranks below vocab_size={self.vocab_size}, got {int(ranks.max())}.")
+        accumulate_state(ranks, kept[:, 1], self._counts, self._sums)
+
+    def compute(self) -> dict[str, float]:
+        """The decomposition of everything added since the last compute; resets the state."""
+        out = decomposition_from_state(self._counts, self._sums)
+        self.last_state = (self._counts.numpy().copy(), self._sums.numpy().copy())
+        self._reset()
+        return {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"])}
+
+    def compute_metrics(self, eval_pred: Any, compute_result: bool = True) -> dict[str, float]:
+        """The Trainer's ``compute_metrics``: with ``batch_eval_metrics=False`` called once with every
+        prediction; with True once per batch, ``compute_result`` True at the last one."""
+        predictions = eval_pred.predictions
+        if isinstance(predictions, (tuple, list)):
+            predictions = predictions[0]
+        self.update(predictions)
+        return self.compute() if compute_result else {}
+
+
+class CEDecompositionTrainerCallback(TrainerCallback):
+    """After each evaluation, saves the state of `evaluator` to ``<output_dir>/arrays/<set>/step_<N>.npz``
+    (as the Lightning callback does) and, when ``report_to`` includes wandb, logs the p_e/q_e histograms and
+    the p_e-vs-q_e image of every eval set to the W&B run.
+
+    Args:
+        evaluator: the :class:`CEDecompositionEval` whose ``compute_metrics`` the Trainer uses.
+        output_dir: where ``arrays/`` goes; None: the Trainer's ``args.output_dir``.
+        save_arrays: write the npz files.
+        log_histograms: log to W&B (only when a W&B run is active and ``report_to`` includes wandb).
+        max_buckets: histogram buckets (W&B allows at most 512).
+    """
+
+    def __init__(self, evaluator: CEDecompositionEval, output_dir: str | os.PathLike | None = None,
+                 save_arrays: bool = True, log_histograms: bool = True, max_buckets: int = 512) -> None:
+        if not isinstance(evaluator, CEDecompositionEval):
+            raise TypeError(f"Expected a CEDecompositionEval, got {type(evaluator).__name__}.")
+        if not 1 <= max_buckets <= 512:
+            raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
+        self.evaluator = evaluator
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.save_arrays = save_arrays
+        self.log_histograms = log_histograms
+        self.max_buckets = max_buckets
+        self._renderers: dict[str, Any] = {}
+
+    @staticmethod
+    def eval_set_name(metrics: Mapping[str, Any]) -> str | None:
+        """The eval set of a Trainer metrics dict: ``eval`` for ``eval_cross_entropy``, ``code`` for
+        ``eval_code_cross_entropy`` (a dict ``eval_dataset``); None if the decomposition is not in it."""
+        for key in metrics:
+            if key.endswith("_cross_entropy"):
+                prefix = key[: -len("_cross_entropy")]
+                return prefix[len("eval_"):] if prefix.startswith("eval_") else prefix
+        return None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        name = self.eval_set_name(metrics or {})
+        if name is None or self.evaluator.last_state is None or not state.is_world_process_zero:
+            return
+        counts, sums = self.evaluator.last_state
+        step = int(state.global_step)
+        if self.save_arrays:
+            from ce_dynamics.files import atomic_open
+
+            root = self.output_dir if self.output_dir is not None else Path(args.output_dir)
+            with atomic_open(root / "arrays" / name / f"step_{step}.npz") as handle:
+                np.savez(handle, rank_counts=counts, rank_log_score_sum=sums)
+        report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+        if self.log_histograms and "wandb" in report_to:
+            self._log_wandb(name, counts, sums, step)
+
+    def _log_wandb(self, name: str, counts: np.ndarray, sums: np.ndarray, step: int) -> None:
+        import wandb
+
+        if wandb.run is None:
+            return
+        from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
+
+        out = decomposition_from_state(torch.from_numpy(counts), torch.from_numpy(sums))
+        p_e, q_e = out["p_e"].numpy(), out["q_e"].numpy()
+        media = {f"decomp/{name}/{key}": hist
+                 for key, hist in wandb_rank_histograms(p_e, q_e, self.max_buckets).items()}
+        renderer = self._renderers.setdefault(name, PEQERenderer())
+        media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
+        wandb.run.log({**media, "train/global_step": step})
