@@ -160,9 +160,10 @@ RULES: dict[str, Rule] = {
     "sweep.sizes": list_of(list_of(POSITIVE, length=2)),
     "replay.models": list_of(STR),
     "replay.revisions": list_of(integer(0) | Rule(lambda v: isinstance(v, str) and re.fullmatch(r"step\d+", v)
-                                                  is not None, "'stepN'")),
+                                                  is not None, "'stepN'")) | one_of("all"),
     "replay.checkpoints": STR | NULL,
     "replay.dtype": one_of("float32", "bfloat16"),
+    "replay.keep_weights": BOOL,
 }
 
 # Fields of a data.eval catalog entry that ce_dynamics.data reads; other fields pass unchecked (the catalog is open).
