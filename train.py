@@ -6,6 +6,7 @@
     python train.py experiment=tiny_scaling          # a family of sizes, then the scaling tables and figures
     python train.py trainer.max_steps=400 data.batch_size=8 logger.wandb.mode=online
     python train.py ckpt_path=last                   # resume from output_dir/checkpoints/last.ckpt
+    python train.py experiment=paper_fig3 mode=prepare   # draw and pin the eval sets (network), print where
 
 Configs: configs/default.yaml <- configs/experiment/<name>.yaml <- command line `key=value`.
 """
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train.py: config error: {err}", file=sys.stderr)
         return 2
+    from ce_dynamics.pinning import record_pins, run_prepare
+
+    if cfg.mode == "prepare":
+        return run_prepare(cfg)
+    if (code := record_pins(cfg)) is not None:  # a missing eval pin offline fails here, before any model loads
+        return code
     if cfg.mode == "replay":
         from ce_dynamics.replay import run_replay
 

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ce_dynamics.bpb import BPB_KEYS, bits_per_byte
 from ce_dynamics.files import atomic_open
 from ce_dynamics.functional import KEYS, decomposition_from_state, in_callers_inference_mode
 from ce_dynamics.metric import CrossEntropyDecomposition
@@ -121,6 +122,10 @@ class CEDecompositionCallback(Callback):
             name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"])}
             for name, out in results.items()
         }
+        eval_bytes = getattr(getattr(trainer, "datamodule", None), "eval_bytes", None) or {}
+        for name, row in self.last_results.items():  # bits per byte where the datamodule knows the text's bytes
+            if eval_bytes.get(name):
+                row.update(bits_per_byte(row, eval_bytes[name]))
         step = trainer.global_step if self.step is None else int(self.step)
         if self.step is None and self._last_logged_step is not None and step <= self._last_logged_step:
             rank_zero_info(f"CEDecompositionCallback: step {step} was already logged; not logging it again")
@@ -210,6 +215,8 @@ class CEDecompositionCallback(Callback):
 
     def _log(self, trainer: L.Trainer, results: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
         scalars = {f"decomp/{name}/{key}": float(out[key]) for name, out in results.items() for key in KEYS}
+        scalars.update({f"decomp/{name}/{key}": value for name, row in self.last_results.items()
+                        for key, value in row.items() if key in BPB_KEYS})
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and self.log_histograms:
                 self._log_wandb_row(logger.experiment, {**scalars, "trainer/global_step": step}, results, step)

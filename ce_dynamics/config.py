@@ -78,8 +78,8 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.mode not in ("train", "replay", "sweep"):
-        raise ConfigError(f"mode must be 'train', 'replay' or 'sweep', got '{cfg.mode}'")
+    if cfg.mode not in ("train", "replay", "sweep", "prepare"):
+        raise ConfigError(f"mode must be 'train', 'replay', 'sweep' or 'prepare', got '{cfg.mode}'")
     if cfg.mode == "sweep" and not cfg.sweep.sizes:
         raise ConfigError("mode=sweep needs sweep.sizes=[[hidden_size,num_hidden_layers],...] (e.g. experiment=tiny_scaling)")
     if cfg.checkpoint.keep not in ("last", "all"):

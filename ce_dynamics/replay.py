@@ -203,7 +203,8 @@ class _ModelWalk:
     def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str]) -> list[dict[str, Any]]:
         """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
         from ce_dynamics.callback import CEDecompositionCallback
-        from ce_dynamics.scaling import non_embedding_params
+        from ce_dynamics.bpb import BPB_KEYS
+        from ce_dynamics.scaling import family_of, non_embedding_params
         from ce_dynamics.training import build_trainer
 
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names)
@@ -215,10 +216,13 @@ class _ModelWalk:
         if not trainer.is_global_zero:
             return []
         params = non_embedding_params(module.model)
+        data = self.datamodule(tokenizer, names)
         return [
-            {"model": ckpt.model, "revision": ckpt.revision, "step": ckpt.step, "dataset": name,
-             "num_tokens": int(callback.last_results[name]["num_tokens"]), "non_embedding_params": params,
-             **{key: float(callback.last_results[name][key]) for key in KEYS}}
+            {"model": ckpt.model, "family": family_of(ckpt.model), "revision": ckpt.revision, "step": ckpt.step,
+             "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
+             "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
+             **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
+             "num_bytes": data.eval_bytes.get(name), "eval_hash": data.eval_hashes.get(name)}
             for name in names
         ]
 
