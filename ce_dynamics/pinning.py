@@ -170,7 +170,8 @@ def pinned_documents(spec: Mapping[str, Any], seed: int, count: int, cache_dir: 
     path = pin_path(cache_dir, spec, seed, count)
     if path.exists():
         return read_pin(path)
-    where = f"eval set {name!r} ({spec.get('path')} {spec.get('name') or ''}, seed {seed}, {count} documents)"
+    source = " ".join(str(spec[k]) for k in ("path", "name") if spec.get(k))
+    where = f"eval set {name!r} ({source}, seed {seed}, {count} documents)"
     if offline() and needs_network(spec):
         raise MissingPinError(f"{where} is not pinned in {path.parent} and this machine is offline; make it with "
                               f"`{prepare_command(experiment)}` and copy {path} here")
