@@ -65,10 +65,11 @@ def test_drawn_once_pinned_and_reused_after_the_source_is_deleted(tmp_path: Path
     header = json.loads(pin.path.read_text().splitlines()[0])
     assert header["key"]["seed"] == 42 and header["key"]["count"] == 10 and header["hash"] == pin.hash
 
-    other_seed = pinning.pinned_documents(spec, 43, 10, cache, name="mine")
-    more = pinning.pinned_documents(spec, 42, 12, cache, name="mine")
-    assert other_seed.hash != pin.hash and other_seed.path != pin.path
-    assert more.path != pin.path and more.documents[:10] == pin.documents  # same shuffle, two more documents
+    if fmt == "json":  # (each parquet draw costs 5 s: datasets' streaming reader waits for its prefetch thread)
+        other_seed = pinning.pinned_documents(spec, 43, 10, cache, name="mine")
+        more = pinning.pinned_documents(spec, 42, 12, cache, name="mine")
+        assert other_seed.hash != pin.hash and other_seed.path != pin.path
+        assert more.path != pin.path and more.documents[:10] == pin.documents  # same shuffle, two more documents
 
     Path(spec["data_files"]).unlink()
     again = pinning.pinned_documents(spec, 42, 10, cache, name="mine")
