@@ -56,7 +56,10 @@ def wandb_history(model_dir: Path) -> list[dict]:
 
 
 def check_row(row: dict) -> None:
-    assert set(row) == set(RESULT_FIELDS)
+    from ce_dynamics.bpb import BPB_KEYS
+
+    assert set(RESULT_FIELDS) <= set(row) and set(row) - set(RESULT_FIELDS) <= {"family", "num_bytes", "eval_hash",
+                                                                                  *BPB_KEYS}
     assert row["revision"] == f"step{row['step']}"
     assert row["num_tokens"] == TOKENS_PER_SET
     ce, ee, sa, conf = (row[k] for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"))
