@@ -47,6 +47,8 @@ def test_target_bytes_of_packed_windows_are_the_bytes_their_targets_decode_to(to
     expected = sum(len(tokenizer.decode(w[1:].tolist(), skip_special_tokens=True).encode()) for w in windows)
     assert target_bytes(windows, token_byte_lengths(tokenizer)) == expected
     ids, mask = data.document_instances(docs[:6], tokenizer, 16)
+    assert not mask.all()
+    ids = ids.masked_fill(mask == 0, tokenizer.convert_tokens_to_ids("a"))  # as if padded with a real token
     expected = sum(len(tokenizer.decode(row[1:int(m.sum())].tolist()).encode()) for row, m in zip(ids, mask))
     assert target_bytes(ids, token_byte_lengths(tokenizer), mask) == expected  # padding counts nothing
 
