@@ -57,14 +57,14 @@ def test_new_eval_sets_can_be_added_to_the_catalog():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["experiment=nope"], "unknown experiment 'nope'; available: pythia14m, pythia160m"),
+        (["experiment=nope"], "unknown experiment 'nope'; available: paper_fig3, paper_fig4, .*pythia14m, pythia160m"),
         (["trainer.max_stepz=3"], "unknown or invalid key 'trainer.max_stepz'.*trainer.max_steps"),
         (["modl.hidden_size=3"], "unknown or invalid key 'modl'.*model\\.\\*, data\\.\\*"),
         (["optim"], "must be key=value"),
         (["data.eval_sets=[wiki]"], "unknown \\['wiki'\\], available: code, prose, wikipedia"),
         (["logger.wandb.mode=maybe"], "offline, online or disabled"),
         (["data.seq_len=1"], "data.seq_len must be"),
-        (["mode=serve"], "mode must be 'train', 'replay' or 'sweep'"),
+        (["mode=serve"], "mode must be 'train', 'replay', 'sweep' or 'prepare'"),
         (["checkpoint.keep=best"], "checkpoint.keep must be 'last' or 'all'"),
         (["mode=sweep"], r"mode=sweep needs sweep.sizes"),
     ],
