@@ -41,6 +41,29 @@ def test_token_bytes_add_up_to_the_utf8_bytes_of_the_text(tokenizer) -> None:
     assert lengths[tokenizer.eos_token_id] == 0  # the EOS between packed documents is no text
 
 
+def test_sentencepiece_style_byte_fallback_tokens_count_one_byte() -> None:
+    """A Llama-2-style tokenizer (Metaspace, BPE with byte fallback), built in memory: `<0xNN>` is one byte and
+    `▁` a space, so the tokens of a text hold its UTF-8 bytes plus the one dummy space put before it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "h", "l", "o", "w", "r", "d", "▁h", "ll", "▁w"]:
+        vocab[piece] = len(vocab)
+    model = models.BPE(vocab, [("▁", "h"), ("l", "l"), ("▁", "w")], byte_fallback=True, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    text = "héllo wörld ☃"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "<0xE2>" in tok.convert_ids_to_tokens(ids) and tok.decode(ids) == text
+    lengths = token_byte_lengths(tok)
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + 1
+    assert lengths[tok.eos_token_id] == lengths[tok.bos_token_id] == 0
+
+
 def test_target_bytes_of_packed_windows_are_the_bytes_their_targets_decode_to(tokenizer) -> None:
     docs = [f"line {i}: value = {i * i}\n" * (1 + i % 3) for i in range(30)]  # ASCII: every token decodes alone
     windows = data.pack(docs, tokenizer, seq_len=16)
