@@ -225,8 +225,8 @@ def run_prepare(cfg: Any) -> int:
         print(f"prepare: {err}", file=sys.stderr)
         return 2
     if not pins:
-        print(f"prepare: experiment {cfg.experiment} has no eval sets from Hugging Face datasets "
-              f"({', '.join(cfg.data.eval_sets)} are built in); nothing to pin")
+        print(f"prepare: none of experiment {cfg.experiment}'s eval sets ({', '.join(cfg.data.eval_sets)}) comes "
+              f"from Hugging Face datasets; nothing to pin")
         return 0
     for name, pin in pins.items():
         print(f"{name}: {pin.path} ({len(pin.documents)} documents, sha256 {pin.hash})")
