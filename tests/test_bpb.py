@@ -146,7 +146,7 @@ def test_validation_logs_bits_per_byte_and_the_pin_hash(tmp_path: Path) -> None:
     assert run["config"]["update"]["eval_pins"] == {"local": pinning.read_pin(pin_file).hash}
 
 
-def test_scaling_cli_fits_bits_per_byte(tmp_path: Path) -> None:
+def test_scaling_cli_fits_bits_per_byte(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Rows whose *_bpb follow exact power laws (and whose nats do not): --unit bpb recovers the bpb exponents."""
     rows = []
     for size in (1e6, 1e7, 1e8, 1e9):
@@ -157,15 +157,17 @@ def test_scaling_cli_fits_bits_per_byte(tmp_path: Path) -> None:
                      "non_embedding_params": size, **nats, **bpb})
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ce_dynamics.scaling", str(results), *a],  # noqa: E731
-                                    capture_output=True, text=True, cwd=REPO, timeout=120)
-    proc = run("--unit", "bpb", "--out", str(tmp_path / "figs"))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    from ce_dynamics import scaling
+
+    assert scaling.main([str(results), "--unit", "bpb", "--out", str(tmp_path / "figs")]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
     delta_at = next(i for i, line in enumerate(lines) if line.startswith("|Delta|"))
     assert lines[delta_at + 2].split() == ["toy", "0.0200*", "0.1500", "0.2000"]  # |alpha_M - alpha_CE|
-    assert "bits per UTF-8 byte" in proc.stdout and (tmp_path / "figs" / "scaling_law_bpb.png").exists()
+    assert "bits per UTF-8 byte" in printed and (tmp_path / "figs" / "scaling_law_bpb.png").exists()
+    assert scaling.main([str(results), "--no-figures"]) == 0  # in nats the rows are flat: CE and EE fit alpha 0
+    assert capsys.readouterr().out.splitlines()[delta_at + 2].split()[0:2] == ["toy", "0.0000*"]
     del rows[0]["error_entropy_bpb"]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run("--unit", "bpb", "--no-figures")
-    assert proc.returncode == 2 and "m1e+06 on wiki has no error_entropy_bpb" in proc.stderr
+    assert scaling.main([str(results), "--unit", "bpb", "--no-figures"]) == 2
+    assert "m1e+06 on wiki has no error_entropy_bpb" in capsys.readouterr().err
