@@ -6,6 +6,7 @@
     python train.py experiment=tiny_scaling          # a family of sizes, then the scaling tables and figures
     python train.py trainer.max_steps=400 data.batch_size=8 logger.wandb.mode=online
     python train.py ckpt_path=last                   # resume from output_dir/checkpoints/last.ckpt
+    python train.py experiment=paper_fig3 mode=prepare   # draw and pin the eval sets (network), print where
 
 Configs: configs/default.yaml <- configs/experiment/<name>.yaml <- command line `key=value`.
 """

@@ -208,11 +208,13 @@ class CEDecompositionCallback(Callback):
     def _record(self, trainer: L.Trainer, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """Turn the synced states into results; on rank zero save the arrays, then log the row once per logger."""
         names = self._names(trainer)
-        by_name = {names[idx]: state for idx, state in states.items()}
+        eval_bytes = getattr(trainer.datamodule, "eval_bytes", None) or {}  # UTF-8 bytes of each set's targets
+        by_name = {names[idx]: {**state, **({"num_bytes": eval_bytes[names[idx]]} if eval_bytes.get(names[idx])
+                                            else {})} for idx, state in states.items()}
         results = {name: sinks.results_of(state) for name, state in by_name.items()}
         self.last_results = {
             name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]),
-                   "nonfinite_tokens": int(out["nonfinite_tokens"])}
+                   "nonfinite_tokens": int(out["nonfinite_tokens"]), **sinks.bpb_of(out)}
             for name, out in results.items()
         }
         nonfinite = {name: n["nonfinite_tokens"] for name, n in self.last_results.items() if n["nonfinite_tokens"]}

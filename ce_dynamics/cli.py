@@ -69,6 +69,12 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
 
 def _dispatch(cfg: Any, argv: list[str]) -> int:
     """Run the mode `cfg.mode` names."""
+    from ce_dynamics.pinning import record_pins, run_prepare
+
+    if cfg.mode == "prepare":
+        return run_prepare(cfg)
+    if (code := record_pins(cfg)) is not None:  # a missing eval pin offline fails here, before any model loads
+        return code
     if cfg.mode == "replay":
         from ce_dynamics.replay import run_replay
 

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODES = ("train", "replay", "sweep")
+MODES = ("train", "replay", "sweep", "prepare")
 SOURCES = ("stdlib", "pydoc_topics", "file", "hf")  # == ce_dynamics.data.SOURCES (tests keep them equal)
 # Trainer arguments train.py passes itself; a config value for them would clash.
 TRAINER_SET_BY_TRAIN_PY = {
@@ -160,7 +160,7 @@ RULES: dict[str, Rule] = {
     "sweep.sizes": list_of(list_of(POSITIVE, length=2)),
     "replay.models": list_of(STR),
     "replay.revisions": list_of(integer(0) | Rule(lambda v: isinstance(v, str) and re.fullmatch(r"step\d+", v)
-                                                  is not None, "'stepN'")) | one_of("all"),
+                                                  is not None, "'stepN'") | one_of("main")) | one_of("all"),
     "replay.checkpoints": STR | NULL,
     "replay.dtype": one_of("float32", "bfloat16"),
     "replay.keep_weights": BOOL,

@@ -6,6 +6,9 @@ Further sources: local text/jsonl files (`file`) and Hugging Face `datasets` (`h
 
 Instances: documents are shuffled with seed 42, tokenized in that order, joined with the EOS token and cut
 into consecutive windows of `seq_len` tokens; an eval set keeps the first `eval_sequences` windows.
+Eval sets from `datasets` follow the paper's appendix A instead: the first `eval_sequences` documents of the
+seed-42 shuffle, pinned to disk once (`ce_dynamics.pinning`), one instance per document (its first `seq_len`
+tokens; a shorter document is padded and its padding is not scored).
 """
 
 from __future__ import annotations
@@ -182,20 +185,40 @@ def pack(docs: Iterable[str], tokenizer: Any, seq_len: int, max_windows: int | N
     return torch.stack(windows)
 
 
+def document_instances(docs: Iterable[str], tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One instance per document: its first `seq_len` tokens, right-padded. Returns int64 `input_ids` and
+    `attention_mask` ([n, seq_len]; 0 marks padding, which `CausalLMModule` does not score)."""
+    backend = tokenizer.backend_tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer needs a pad or eos token to pad short documents")
+    rows, masks = [], []
+    for doc in docs:
+        ids = backend.encode(doc, add_special_tokens=False).ids[:seq_len]
+        rows.append(ids + [pad] * (seq_len - len(ids)))
+        masks.append([1] * len(ids) + [0] * (seq_len - len(ids)))
+    if not rows:
+        return torch.empty(0, seq_len, dtype=torch.int64), torch.empty(0, seq_len, dtype=torch.int64)
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(masks, dtype=torch.int64)
+
+
 # ------------------------------------------------------------------------------------------ datamodule
 
 
 class TokenWindows(Dataset):
-    """Rows of an int64 [n, seq_len] tensor as `{"input_ids": ...}` samples."""
+    """Rows of an int64 [n, seq_len] tensor as `{"input_ids": ...}` samples (plus `attention_mask` if given)."""
 
-    def __init__(self, windows: torch.Tensor) -> None:
+    def __init__(self, windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         self.windows = windows
+        self.attention_mask = attention_mask
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.windows[idx]}
+        if self.attention_mask is None:
+            return {"input_ids": self.windows[idx]}
+        return {"input_ids": self.windows[idx], "attention_mask": self.attention_mask[idx]}
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -222,12 +245,21 @@ class ResumableRandomSampler(Sampler[int]):
 
 
 class CEDataModule(L.LightningDataModule):
-    """Training windows plus one validation dataloader per named eval set (`eval_names`, same order)."""
+    """Training windows plus one validation dataloader per named eval set (`eval_names`, same order).
+
+    With `cache_dir`, eval sets from `datasets` are pinned there (see `ce_dynamics.pinning`). After `setup`:
+    `eval_bytes[name]` is the number of UTF-8 bytes of the text the evaluated target tokens decode to (for
+    bits per byte), `eval_hashes[name]` the pin's content hash (None for built-in and file sources).
+    """
 
     def __init__(self, tokenizer: Any, eval_specs: Mapping[str, Mapping[str, Any]], seq_len: int = 128,
                  eval_sequences: int = 64, batch_size: int = 16, train_spec: Mapping[str, Any] | None = None,
-                 train_max_chars: int | None = None, num_workers: int = 0, seed: int = 0) -> None:
+                 train_max_chars: int | None = None, num_workers: int = 0, seed: int = 0,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         super().__init__()
+        self.cache_dir = cache_dir
+        self.eval_bytes: dict[str, int] = {}
+        self.eval_hashes: dict[str, str | None] = {}
         if not eval_specs:
             raise ValueError("at least one eval set is needed")
         self.tokenizer = tokenizer
@@ -242,13 +274,8 @@ class CEDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.eval_sets:
             for name, spec in self.eval_specs.items():
-                windows = pack(documents(spec, "eval"), self.tokenizer, self.seq_len, self.eval_sequences)
-                if len(windows) == 0:
-                    raise ValueError(f"eval set {name!r} has fewer than seq_len={self.seq_len} tokens")
-                if len(windows) < self.eval_sequences:
-                    log.warning("eval set %r has only %d instances of %d tokens (asked for %d)",
-                                name, len(windows), self.seq_len, self.eval_sequences)
-                self.eval_sets[name] = TokenWindows(windows)
+                self.eval_sets[name] = self._eval_set(name, spec)
+            self._count_bytes()
         if stage in (None, "fit") and self.train_set is None:
             if self.train_spec is None:
                 raise ValueError("training needs a train source (data.train)")
@@ -256,6 +283,38 @@ class CEDataModule(L.LightningDataModule):
             self.train_set = TokenWindows(pack(docs, self.tokenizer, self.seq_len))
             if len(self.train_set) == 0:
                 raise ValueError(f"training corpus has fewer than seq_len={self.seq_len} tokens")
+
+    def _eval_set(self, name: str, spec: Mapping[str, Any]) -> TokenWindows:
+        from ce_dynamics.pinning import is_pinned_source, pinned_documents
+
+        if self.cache_dir is not None and is_pinned_source(spec):
+            pin = pinned_documents(spec, EVAL_SEED, self.eval_sequences, self.cache_dir, name=name)
+            self.eval_hashes[name] = pin.hash
+            ids, mask = document_instances(pin.documents, self.tokenizer, self.seq_len)
+            if len(ids) < self.eval_sequences:
+                log.warning("eval set %r has only %d documents (asked for %d)", name, len(ids), self.eval_sequences)
+            return TokenWindows(ids, mask)
+        self.eval_hashes[name] = None
+        windows = pack(documents(spec, "eval"), self.tokenizer, self.seq_len, self.eval_sequences)
+        if len(windows) == 0:
+            raise ValueError(f"eval set {name!r} has fewer than seq_len={self.seq_len} tokens")
+        if len(windows) < self.eval_sequences:
+            log.warning("eval set %r has only %d instances of %d tokens (asked for %d)",
+                        name, len(windows), self.seq_len, self.eval_sequences)
+        return TokenWindows(windows)
+
+    def _count_bytes(self) -> None:
+        from ce_dynamics.bpb import target_bytes, token_byte_lengths
+
+        try:
+            lengths = token_byte_lengths(self.tokenizer)
+        except Exception as err:  # noqa: BLE001 - a tokenizer we cannot read: no bits per byte, not no run
+            log.warning("cannot count the bytes of this tokenizer's tokens (%r): no bits per byte", err)
+            return
+        for name, dataset in self.eval_sets.items():
+            num_bytes = target_bytes(dataset.windows, lengths, dataset.attention_mask)
+            if num_bytes > 0:
+                self.eval_bytes[name] = num_bytes
 
     def train_dataloader(self) -> DataLoader:
         sampler = ResumableRandomSampler(len(self.train_set), self.seed, skip=self._consumed_samples)

@@ -119,7 +119,8 @@ def plot_p_e_q_e_steps(numbers: Mapping[int, Mapping[str, np.ndarray]], steps: S
 
 
 def plot_scaling_law(
-    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]] | None = None
+    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]] | None = None,
+    unit: str = "nats",
 ) -> Figure:
     """Fig. 7: every component against non-embedding parameters (log-log), one row per dataset.
 
@@ -150,7 +151,7 @@ def plot_scaling_law(
             ax.set_yscale("log")
             _plain_log_ticks(ax)
             negative = all(r[comp] < 0 for r in subset)
-            ax.set_ylabel(("$-$" if negative else "") + f"{SHORT_NAMES[comp]} (nats)")
+            ax.set_ylabel(("$-$" if negative else "") + f"{SHORT_NAMES[comp]} ({unit})")
             ax.set_xlabel("non-embedding parameters")
             ax.set_title(f"{LONG_NAMES[comp]} - {dataset}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
@@ -196,13 +197,16 @@ def plot_component_shares(rows: Sequence[Mapping], convention: str = "absolute")
 
 
 def save_scaling_figures(
-    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]], out_dir: str | Path
+    rows: Sequence[Mapping], fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]], out_dir: str | Path,
+    unit: str = "nats",
 ) -> list[Path]:
-    """Write ``scaling_law.png`` (fig. 7) and ``component_shares.png`` (fig. 8) into ``out_dir``."""
+    """Write ``scaling_law.png`` (fig. 7; ``scaling_law_bpb.png`` in bits per byte) and
+    ``component_shares.png`` (fig. 8, the same in either unit) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in (("scaling_law.png", plot_scaling_law(rows, fits)),
+    law = "scaling_law.png" if unit == "nats" else f"scaling_law_{unit}.png"
+    for name, fig in ((law, plot_scaling_law(rows, fits, unit=unit)),
                       ("component_shares.png", plot_component_shares(rows))):
         written.append(save_figure(fig, out_dir / name))
     return written

@@ -56,8 +56,8 @@ class Checkpoint:
     """One thing to evaluate: a hub revision (`path` None) or a Lightning checkpoint file."""
 
     model: str  # hub id, or the checkpoint directory
-    revision: str  # "stepN"
-    step: int
+    revision: str  # "stepN", or "main" (a model's final weights; no step known)
+    step: int | None
     path: Path | None = None
 
 
@@ -68,8 +68,11 @@ def _hub_revisions(revisions: Iterable[Any]) -> list[tuple[str, int]]:
             out.append((f"step{rev}", rev))
         elif isinstance(rev, str) and re.fullmatch(r"step\d+", rev):
             out.append((rev, int(rev[4:])))
+        elif rev == "main":  # released models without step branches (GPT-2, OPT, Qwen, ...): their final weights
+            out.append((rev, None))
         else:
-            raise ValueError(f"replay.revisions entries must be training steps (0, 16, ...) or 'stepN'; got {rev!r}")
+            raise ValueError(f"replay.revisions entries must be training steps (0, 16, ...), 'stepN' or 'main'; "
+                             f"got {rev!r}")
     return out
 
 
@@ -220,22 +223,26 @@ class _ModelWalk:
                  commit: str | None = None) -> list[dict[str, Any]]:
         """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
         from ce_dynamics.callback import CEDecompositionCallback
-        from ce_dynamics.scaling import non_embedding_params
+        from ce_dynamics.bpb import BPB_KEYS
+        from ce_dynamics.scaling import family_of, non_embedding_params
         from ce_dynamics.training import build_trainer
 
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names)
-        callback.step = ckpt.step
+        callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
         trainer = build_trainer(self.cfg, [callback], self.loggers)
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
-        trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step
+        trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step or 0
         trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
         if not trainer.is_global_zero:
             return []
         params = non_embedding_params(module.model)
+        data = self.datamodule(tokenizer, names)
         return [
-            {"model": ckpt.model, "revision": ckpt.revision, "commit": commit, "step": ckpt.step, "dataset": name,
-             "num_tokens": int(callback.last_results[name]["num_tokens"]), "non_embedding_params": params,
-             **{key: float(callback.last_results[name][key]) for key in KEYS}}
+            {"model": ckpt.model, "family": family_of(ckpt.model), "revision": ckpt.revision, "commit": commit,
+             "step": ckpt.step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
+             "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
+             **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
+             "num_bytes": data.eval_bytes.get(name), "eval_hash": data.eval_hashes.get(name)}
             for name in names
         ]
 

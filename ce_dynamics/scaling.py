@@ -36,6 +36,7 @@ __all__ = [
     "family_of",
     "fit_power_law",
     "fit_groups",
+    "in_unit",
     "load_arrays",
     "load_results",
     "main",
@@ -54,6 +55,19 @@ ALL_GROUP = "All"  # the row of a table that pools every family
 
 REQUIRED_FIELDS = ("model", "dataset", "non_embedding_params", *COMPONENTS)
 _KNOWN_FAMILIES = ("pythia", "gpt2", "opt", "qwen", "llama", "mistral", "bloom", "olmo", "gemma", "falcon", "phi")
+_FAMILY_NAMES = {"gpt2": "gpt-1/2"}  # Table 4 groups GPT-1 and GPT-2
+# The paper's Table 4, by model name (the hub id's last part, lower case): family_of follows it first.
+PAPER_FAMILIES = {
+    **dict.fromkeys(("openai-gpt", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), "gpt-1/2"),
+    **dict.fromkeys(("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b"), "opt"),
+    **dict.fromkeys(("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-72b"), "qwen"),
+    **dict.fromkeys(("pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m", "pythia-410m", "pythia-1.4b",
+                     "pythia-2.8b", "pythia-6.9b"), "pythia"),
+    **dict.fromkeys(("llama-3.2-1b", "llama-3.2-3b", "llama-7b", "meta-llama-3-8b", "llama-2-13b-hf",
+                     "llama-2-70b-hf"), "llama"),
+    "mistral-7b-v0.1": "mistral",
+    "distilgpt2": "others",
+}
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -104,19 +118,23 @@ def select_final(rows: Iterable[Mapping], step: int | None = None) -> list[dict]
 def family_of(row: Mapping | str) -> str:
     """Model family of a row (its ``family`` field if present) or of a hub id.
 
-    ``EleutherAI/pythia-160m`` -> ``pythia``, ``gpt2-xl`` -> ``gpt2``, ``Qwen/Qwen2.5-0.5B`` -> ``qwen``,
-    ``meta-llama/Meta-Llama-3-8B`` -> ``llama``; otherwise the name's first word without its version.
+    The paper's Table 4 first (``openai-gpt`` and ``gpt2-xl`` -> ``gpt-1/2``, ``distilgpt2`` -> ``others``),
+    then by name: ``EleutherAI/pythia-1b`` -> ``pythia``, ``Qwen/Qwen2-7B`` -> ``qwen``,
+    ``meta-llama/Llama-3.1-8B`` -> ``llama``; otherwise the name's first word without its version.
     """
     if isinstance(row, Mapping):
         if row.get("family"):
             return str(row["family"])
         row = str(row["model"])
     name = row.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name in PAPER_FAMILIES:
+        return PAPER_FAMILIES[name]
     words = [w for w in re.split(r"[-_ ]", name) if w]
     for word in words:
         base = re.sub(r"[\d.]+$", "", word)
         if word in _KNOWN_FAMILIES or base in _KNOWN_FAMILIES:
-            return word if word in _KNOWN_FAMILIES else base
+            found = word if word in _KNOWN_FAMILIES else base
+            return _FAMILY_NAMES.get(found, found)
     first = words[0] if words else name
     return re.sub(r"[\d.]+$", "", first) or first
 
@@ -400,6 +418,30 @@ def delta_table(fits: Mapping[str, Mapping[str, Mapping[str, PowerLawFit]]]) -> 
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+UNITS = {"nats": "nats per token", "bpb": "bits per UTF-8 byte"}
+
+
+def in_unit(rows: Iterable[Mapping], unit: str) -> list[dict]:
+    """The rows with the four components in `unit`: "nats" as they are, "bpb" taken from the rows'
+    ``<component>_bpb`` fields (bits per byte: tokenizers of different families compare on the same text)."""
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    rows = [dict(r) for r in rows]
+    if unit == "nats":
+        return rows
+    for row in rows:
+        missing = [f"{c}_bpb" for c in COMPONENTS if f"{c}_bpb" not in row]
+        if missing:
+            raise ResultsError(f"row of {row['model']} on {row['dataset']} has no {', '.join(missing)}: bits per byte "
+                               f"need rows written by a replay that knows the eval text's bytes")
+        for c in COMPONENTS:
+            value = row[f"{c}_bpb"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ResultsError(f"{c}_bpb of {row['model']} on {row['dataset']} must be a finite number, got {value!r}")
+            row[c] = float(value)
+    return rows
+
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print Tables 1-2 for a results file and write figs. 7-8 as PNG; exit 2 on bad input."""
@@ -412,9 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="use rows at this training step (default: last)")
     parser.add_argument("--min-models", type=int, default=3, help="models a family needs for a fit (>= 2)")
     parser.add_argument("--no-figures", action="store_true", help="print the tables only")
+    parser.add_argument("--unit", choices=UNITS, default="nats",
+                        help="nats per token (default) or bits per byte (the rows' *_bpb fields)")
     args = parser.parse_args(argv)
     try:
-        rows = select_final(load_results(args.results), step=args.step)
+        rows = in_unit(select_final(load_results(args.results), step=args.step), args.unit)
         fits = fit_groups(rows, min_models=args.min_models)
     except (ResultsError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -423,11 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(delta_table(fits).format())
     print("\n'*' marks the best value per family and dataset (highest R^2, smallest |Delta|).")
+    print(f"Components in {UNITS[args.unit]}.")
     if not args.no_figures:
         from ce_dynamics import figures
 
         out = args.out if args.out is not None else args.results.parent
-        paths = figures.save_scaling_figures(rows, fits, out)
+        paths = figures.save_scaling_figures(rows, fits, out, unit=args.unit)
         for path in paths:
             print(f"wrote {path}")
     return 0

@@ -1,7 +1,8 @@
 """Where each validation's record goes, exactly once: the ``.npz`` state first (the truth), then every logger.
 
 A validation is recorded as one row per logger at one step: ``decomp/<set>/<key>`` for every eval set (plus
-``decomp/<set>/nonfinite_tokens`` and, when ``validation_step`` returned a loss, ``val/loss/<set>``), and on W&B
+``decomp/<set>/nonfinite_tokens``, ``decomp/<set>/<key>_bpb`` when the datamodule knows the eval text's bytes,
+and, when ``validation_step`` returned a loss, ``val/loss/<set>``), and on W&B
 the p_e/q_e histograms and image. The state behind the row is written first, atomically, to
 ``arrays/<set>/step_<N>.npz``. Loggers that can be read back (W&B, from its transaction logs; the
 :class:`~ce_dynamics.csv_logger.DurableCSVLogger`) keep a ledger of the steps they durably hold: a row is never
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.csv_logger import DurableCSVLogger
 from ce_dynamics.files import atomic_open
 from ce_dynamics.functional import KEYS, decomposition_from_state
@@ -68,9 +70,18 @@ def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
     out = decomposition_from_state(torch.as_tensor(state["rank_counts"]),
                                    torch.as_tensor(state["rank_log_score_sum"]))
     out["nonfinite_tokens"] = int(state.get("nonfinite_tokens", 0))
-    if "loss" in state:
-        out["loss"] = float(state["loss"])
+    for key, kind in (("loss", float), ("num_bytes", int)):
+        if key in state:
+            out[key] = kind(state[key])
     return out
+
+
+def bpb_of(results: Mapping[str, Any]) -> dict[str, float]:
+    """``<component>_bpb`` (bits per UTF-8 byte of the evaluated text) when the state knows its bytes, else {}."""
+    if not results.get("num_bytes") or not int(results["num_tokens"]):
+        return {}
+    return bits_per_byte({key: float(results[key]) for key in KEYS}, int(results["num_bytes"]),
+                         num_tokens=int(results["num_tokens"]))
 
 
 def scalars_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -78,6 +89,7 @@ def scalars_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     row: dict[str, float] = {}
     for name, out in results.items():
         row.update({f"{ROW_PREFIX}{name}/{key}": float(out[key]) for key in KEYS})
+        row.update({f"{ROW_PREFIX}{name}/{key}": value for key, value in bpb_of(out).items()})
         row[f"{ROW_PREFIX}{name}/nonfinite_tokens"] = int(out.get("nonfinite_tokens", 0))
         if out.get("loss") is not None:
             row[f"val/loss/{name}"] = float(out["loss"])

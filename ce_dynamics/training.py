@@ -74,6 +74,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
         train_max_chars=train.get("max_chars"),
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
+        cache_dir=cfg.data.cache_dir,
     )
 
 

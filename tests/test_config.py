@@ -57,7 +57,7 @@ def test_new_eval_sets_can_be_added_to_the_catalog():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["experiment=nope"], "unknown experiment 'nope'; available: pythia14m, pythia160m"),
+        (["experiment=nope"], "unknown experiment 'nope'; available: paper_fig3, paper_fig4, .*pythia14m, pythia160m"),
         (["trainer.max_stepz=3"], "unknown key 'trainer.max_stepz': not an argument of lightning.Trainer.*max_steps"),
         (["modl.hidden_size=3"], "unknown or invalid key 'modl'.*model\\.\\*, data\\.\\*"),
         (["optim"], "must be key=value"),

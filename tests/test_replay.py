@@ -56,7 +56,10 @@ def wandb_history(model_dir: Path) -> list[dict]:
 
 
 def check_row(row: dict) -> None:
-    assert set(row) == {*RESULT_FIELDS, "commit"}
+    from ce_dynamics.bpb import BPB_KEYS
+
+    assert set(RESULT_FIELDS) <= set(row) and set(row) - set(RESULT_FIELDS) <= {"family", "num_bytes", "eval_hash",
+                                                                                  "commit", *BPB_KEYS}
     assert row["revision"] == f"step{row['step']}"
     assert row["num_tokens"] == TOKENS_PER_SET
     ce, ee, sa, conf = (row[k] for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"))
@@ -269,7 +272,7 @@ def test_replay_walks_a_training_runs_own_checkpoints(training_run: Path, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["replay.models=[a/b]", "replay.revisions=[main]"], "replay.revisions=['main']: expected a list of"),
+    (["replay.models=[a/b]", "replay.revisions=[latest]"], "replay.revisions=\\['latest'\\]: expected a list of"),
     (["replay.checkpoints=/nonexistent/dir"], "is not a directory"),
     (["replay.models=[]"], "nothing to replay"),
 ])

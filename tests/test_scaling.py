@@ -125,7 +125,10 @@ def test_a_component_changing_sign_is_fitted_with_a_warning() -> None:
     [
         ("EleutherAI/pythia-160m", "pythia"),
         ("EleutherAI/pythia-1.4b-deduped", "pythia"),
-        ("gpt2-xl", "gpt2"),
+        ("gpt2-xl", "gpt-1/2"),
+        ("openai-community/openai-gpt", "gpt-1/2"),
+        ("distilbert/distilgpt2", "others"),
+        ("EleutherAI/pythia-12b", "pythia"),
         ("Qwen/Qwen2.5-0.5B", "qwen"),
         ("facebook/opt-1.3b", "opt"),
         ("meta-llama/Meta-Llama-3-8B", "llama"),
