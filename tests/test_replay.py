@@ -272,7 +272,7 @@ def test_replay_walks_a_training_runs_own_checkpoints(training_run: Path, tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["replay.models=[a/b]", "replay.revisions=[latest]"], "replay.revisions=\\['latest'\\]: expected a list of"),
+    (["replay.models=[a/b]", "replay.revisions=[latest]"], "replay.revisions=['latest']: expected a list of"),
     (["replay.checkpoints=/nonexistent/dir"], "is not a directory"),
     (["replay.models=[]"], "nothing to replay"),
 ])
