@@ -5,11 +5,9 @@ run's `.ckpt` files against a direct computation, and a tokenizer larger than th
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
@@ -136,6 +134,6 @@ def test_a_tokenizer_larger_than_the_logits_is_a_load_failure(tiny_hub: HubCache
                       f"model.tokenizer={tmp_path / 'big_tokenizer'}")
     err = capfd.readouterr().err
     assert code == 1
-    assert (f"cannot load" in err and
+    assert ("cannot load" in err and
             f"the tokenizer has {tiny_hub.vocab_size + 5} tokens but the model only {tiny_hub.vocab_size} logits" in err)
     assert not (out / "results.jsonl").exists()

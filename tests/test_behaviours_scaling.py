@@ -92,7 +92,6 @@ def test_scaling_law_figure_plots_the_rows_and_the_closed_form_fit() -> None:
     fig = figures.plot_scaling_law(rows, fit_groups(rows))
     panels = [ax for ax in fig.axes if ax.collections]
     assert len(panels) == 4  # CE, EE, SA, Conf of the one dataset
-    lx = np.log(cf.SIZES) - math.log(1e4)  # 0, 1, 2
     x_line = None
     for ax, comp in zip(panels, scaling.COMPONENTS):
         points = ax.collections[0].get_offsets()
