@@ -136,13 +136,31 @@ def test_tiny_scaling_sweep_feeds_the_cli(scaling_results: Path, capsys) -> None
 
 
 def test_scaling_law_notebook(replay_results: Path) -> None:
-    from ce_dynamics.scaling import fit_groups, load_results, r2_table, select_final
+    """Its tables and exponents are numpy's least-squares fits of log|M| on log N over the replay's last rows."""
+    import numpy as np
 
-    rows = select_final(load_results(replay_results))
-    assert sorted(r["step"] for r in rows) == [4] * 2 * len(REPLAY_HIDDEN)
+    from ce_dynamics.scaling import COMPONENTS, load_results
+
+    rows = [r for r in load_results(replay_results) if r["step"] == 4]  # each model's last revision
+    assert len(rows) == 2 * len(REPLAY_HIDDEN)
     nb = _execute("scaling_law.ipynb", results_path=str(replay_results))
     text = _text(nb)
-    assert r2_table(fit_groups(rows)).format() in text
+    lines = text.splitlines()
+    table = lines.index(next(line for line in lines if line.split()[:3] == ["R^2", "code", "prose"]))
+    family_row = lines[table + 2].split()
+    assert family_row[0] == "tiny"  # ce-dynamics-test/tiny-neox-h16 ... : one family, so no "All" row
+    expected_r2, alphas = [], {}
+    for dataset in ("code", "prose"):
+        subset = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["non_embedding_params"])
+        log_n = np.log([r["non_embedding_params"] for r in subset])
+        for comp in COMPONENTS:
+            log_m = np.log(np.abs([r[comp] for r in subset]))
+            expected_r2.append(f"{np.corrcoef(log_n, log_m)[0, 1] ** 2:.4f}")
+            alphas[(dataset, comp)] = np.polyfit(log_n, log_m, 1)[0]
+    assert [cell.rstrip("*") for cell in family_row[1:]] == expected_r2
+    for dataset in ("code", "prose"):
+        printed = ", ".join(f"{c}={alphas[(dataset, c)]:+.4f}" for c in COMPONENTS)
+        assert f"tiny/{dataset}: alpha {printed}" in text
     assert "|Delta|" in text
     assert _images(nb) == 2  # figs. 7, 8
 
