@@ -7,6 +7,7 @@ a `"loss"` in it is logged as `val/loss/<set>` in the same row.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -244,9 +245,10 @@ class CEDecompositionCallback(Callback):
         """One W&B row: the scalars with the p_e/q_e histograms and image of the same step."""
         self._log_pending_row(wait=True)  # rows stay in step order, at most one in flight
         if not self.background_media:
-            sinks.log_row(logger, step, scalars, self._media(distributions, step))
+            sinks.log_row(logger, step, scalars, self._media(distributions, step, self.max_buckets))
             return
-        self._pending_row = (logger, step, scalars, self._background().submit(self._media, distributions, step))
+        self._pending_row = (logger, step, scalars, self._background().submit(self._media, distributions, step,
+                                                                                   self.max_buckets))
 
     def _log_pending_row(self, wait: bool) -> None:
         """Log the row whose media the background thread built (W&B calls stay on the main thread)."""
@@ -263,7 +265,7 @@ class CEDecompositionCallback(Callback):
             names = sorted(p.name for p in (root / "arrays").iterdir()) if (root / "arrays").is_dir() else []
         if not names or not trainer.loggers:
             return
-        media = self._media if self.log_histograms else None
+        media = functools.partial(self._media, max_buckets=self.max_buckets) if self.log_histograms else None
         steps = sinks.backfill(trainer.loggers, root, names, media)
         if steps:
             rank_zero_info(f"CEDecompositionCallback: logged saved step(s) {steps} that a logger lacked")

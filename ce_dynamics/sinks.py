@@ -17,7 +17,7 @@ from ce_dynamics._extras import require
 require("lightning")
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +143,15 @@ class WandbMedia:
         self.max_buckets = max_buckets
         self._renderers: dict[str, Any] = {}  # per eval set: PEQERenderer, which caches the figure's background
 
-    def __call__(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, Any]:
+    def __call__(self, distributions: Mapping[str, tuple[np.ndarray, np.ndarray]], step: int,
+                 max_buckets: int | None = None) -> dict[str, Any]:
         import wandb
 
         from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
 
         media: dict[str, Any] = {}
         for name, (p_e, q_e) in distributions.items():
-            for key, histogram in wandb_rank_histograms(p_e, q_e, self.max_buckets).items():  # x: log10(rank + 1)
+            for key, histogram in wandb_rank_histograms(p_e, q_e, self.max_buckets if max_buckets is None else max_buckets).items():  # x: log10(rank + 1)
                 media[f"{ROW_PREFIX}{name}/{key}"] = histogram
             renderer = self._renderers.setdefault(name, PEQERenderer())
             media[f"{ROW_PREFIX}{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
@@ -164,7 +165,8 @@ def distributions_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, tupl
 # --------------------------------------------------------------------------------------------- back-fill
 
 
-def backfill(loggers: Iterable[Logger], root: Path, names: Iterable[str], media: WandbMedia | None) -> list[int]:
+def backfill(loggers: Iterable[Logger], root: Path, names: Iterable[str],
+             media: Callable[[dict[str, Any], int], dict[str, Any]] | None) -> list[int]:
     """Log every step saved under ``root/arrays`` (for all of ``names``) to each readable logger lacking it.
 
     Returns the steps that were logged somewhere. ``media`` None: W&B rows get scalars only.
