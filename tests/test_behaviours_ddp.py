@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     if __name__ == "__main__":
         callback = CEDecompositionCallback(output_dir=sys.argv[1], dataset_names=["alpha", "beta"])
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False,
                             enable_checkpointing=False, default_root_dir=sys.argv[1])
         trainer.validate(Bigram(), verbose=False)
         with open(f"{sys.argv[1]}/results_rank{trainer.global_rank}.json", "w") as fh:
