@@ -57,6 +57,8 @@ class CEDecompositionCallback(Callback):
             when torch uses fewer threads than this process may run on (a spare core; an update competing with
             torch's own threads would slow both). Errors surface at the next batch or the end of validation.
         backfill: on setup, log saved steps a readable logger lacks (a resumed or rerun run's missing rows).
+        nan_strategy: the metric's: "ignore" counts non-finite tokens and leaves them out; "error" raises (replay
+            uses it, so a diverged checkpoint is reported as failed rather than recorded as NaN).
 
     Attributes:
         step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
@@ -67,7 +69,7 @@ class CEDecompositionCallback(Callback):
     def __init__(self, output_dir: str | os.PathLike | None = None, dataset_names: Sequence[str] | None = None,
                  ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
                  save_arrays: bool = True, background_media: bool = True,
-                 overlap_updates: bool | None = None, backfill: bool = True) -> None:
+                 overlap_updates: bool | None = None, backfill: bool = True, nan_strategy: str = "ignore") -> None:
         if not 1 <= max_buckets <= 512:
             raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -79,6 +81,7 @@ class CEDecompositionCallback(Callback):
         self.background_media = background_media
         self.overlap_updates = overlap_updates
         self.backfill = backfill
+        self.nan_strategy = nan_strategy
         self.step: int | None = None
         self.last_results: dict[str, dict[str, float]] = {}
         self._media = sinks.WandbMedia(max_buckets)
@@ -291,7 +294,7 @@ class CEDecompositionCallback(Callback):
     def _new_metric(self, vocab_size: int, device: torch.device) -> CrossEntropyDecomposition:
         threads = 1 if self._overlap(device) else None  # beside torch's own threads, take one core, no more
         return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads,
-                                         nan_strategy="ignore").to(device)
+                                         nan_strategy=self.nan_strategy).to(device)
 
     def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A rank that saw no batch of some dataloader still has to join that metric's sync."""

@@ -227,7 +227,7 @@ class _ModelWalk:
         from ce_dynamics.scaling import family_of, non_embedding_params
         from ce_dynamics.training import build_trainer
 
-        callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names)
+        callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
         callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
         trainer = build_trainer(self.cfg, [callback], self.loggers)
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.

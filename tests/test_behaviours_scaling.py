@@ -108,10 +108,15 @@ def test_scaling_law_figure_plots_the_rows_and_the_closed_form_fit() -> None:
         np.testing.assert_allclose(y_line, expected, rtol=1e-9)
     assert x_line[0] == pytest.approx(cf.SIZES[0]) and x_line[-1] == pytest.approx(cf.SIZES[-1])
 
-    shares = figures.plot_component_shares(rows)
-    drawn = {tuple(np.round(ln.get_ydata(), 9)) for ax in shares.axes for ln in ax.lines if len(ln.get_ydata())}
+    def drawn(fig) -> set:
+        return {tuple(np.round(ln.get_ydata(), 9)) for ax in fig.axes for ln in ax.lines if len(ln.get_ydata())}
+
+    absolute = drawn(figures.plot_component_shares(rows))  # default: |M| / (|EE| + |SA| + |Conf|), sums to 100%
+    signed = drawn(figures.plot_component_shares(rows, convention="signed"))  # M / CE
     for comp in scaling.COMPONENTS[1:]:
-        assert tuple(np.round([100 * r[comp] / r["cross_entropy"] for r in cf.rows()], 9)) in drawn, comp
+        total = [abs(r["error_entropy"]) + abs(r["self_alignment"]) + abs(r["confidence"]) for r in cf.rows()]
+        assert tuple(np.round([100 * abs(r[comp]) / t for r, t in zip(cf.rows(), total)], 9)) in absolute, comp
+        assert tuple(np.round([100 * r[comp] / r["cross_entropy"] for r in cf.rows()], 9)) in signed, comp
 
 
 def test_load_arrays_names_a_npz_missing_an_array(tmp_path: Path) -> None:
