@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 
-import torch
 from torch import Tensor
 
 __all__ = ["ranks_and_log_scores_triton", "triton_available"]
@@ -37,14 +36,3 @@ def ranks_and_log_scores_triton(logits: Tensor, target: Tensor, ignore_index: in
     from ce_dynamics.kernels.triton_rank import launch
 
     return launch(logits, target, ignore_index)
-
-
-def triton_supports(device: torch.device) -> bool:
-    """Whether the Triton kernel can run on tensors of ``device`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    if device.type == "cuda":
-        return triton_available()
-    if device.type == "cpu" and triton_available():
-        from ce_dynamics.kernels.triton_rank import INTERPRETED
-
-        return INTERPRETED
-    return False
