@@ -39,6 +39,9 @@ BACKENDS = ("auto", "torch", "triton")
 # accelerator, large chunks amortise kernel launches.
 _CPU_CHUNK_ELEMENTS = 2**19
 _ACCEL_CHUNK_ELEMENTS = 2**26
+# Devices where the torch backend computes only the counted rows (finding them reads the target on the host:
+# free on CPU, a synchronisation elsewhere).
+_COMPACT_DEVICE_TYPES = ("cpu",)
 _POOL: ThreadPoolExecutor | None = None
 T = TypeVar("T")
 
@@ -160,7 +163,7 @@ def token_pass(logits: Tensor, target: Tensor, ignore_index: int = -100, num_thr
     if chosen == "triton":
         ranks, log_scores = kernels.ranks_and_log_scores_triton(logits, flat_target, ignore_index)
         return TokenPass(ranks, log_scores, counted, None, out_of_range, lead_shape)
-    if device.type == "cpu":
+    if device.type in _COMPACT_DEVICE_TYPES:
         index = counted.nonzero().squeeze(1)
         ranks, log_scores = _torch_pass(logits, flat_target[index], index, num_threads, lead_shape)
         return TokenPass(ranks, log_scores, None, index, out_of_range, lead_shape)
