@@ -378,7 +378,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -
 def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path):
     logits, target = _data(10, tokens=70)
     target[::9] = -100
-    logits[[55, 61], 3] = math.nan  # two non-finite tokens on rank 1, counted across ranks
+    logits[[10, 55, 61], 3] = math.nan  # one non-finite token on rank 0, two on rank 1: summed across ranks
     # Rank 0 gets 1 batch of 50 tokens, rank 1 one batch of 20: uneven shards, one update each.
     shards = [[(logits[:50], target[:50])], [(logits[50:], target[50:])]]
     out = tmp_path / "ddp.pt"
@@ -391,4 +391,4 @@ def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path
     expected = single.compute()
     for key in (*KEYS, "num_tokens", "nonfinite_tokens", "p_e", "q_e"):
         assert torch.equal(ddp[key], expected[key]), key
-    assert int(ddp["nonfinite_tokens"]) == 2
+    assert int(ddp["nonfinite_tokens"]) == 3
