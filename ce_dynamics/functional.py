@@ -3,13 +3,14 @@
 Two layers:
 
 * per token: the rank of the right token (strict ``>``, 0-based, over the full logit width) and its
-  log-score ``z_t - logsumexp(z)``; computed in token chunks that stay in cache, so no temporary of the
-  logits' size is ever created;
+  log-score ``z_t - logsumexp(z)``; the torch backend computes them in token chunks that stay in cache, so no
+  temporary of the logits' size is ever created; the Triton backend (``ce_dynamics.kernels``, imported
+  lazily) reads each row once. Without ``validate_args`` nothing here reads a value back to the host off CPU;
 * per corpus: Error-Entropy, Self-Alignment and Confidence from the accumulated state
   (``rank_counts``, ``rank_log_score_sum``), in float64 and in log space, with no epsilons, so that
   ``cross_entropy == error_entropy + self_alignment - confidence`` to float64 rounding.
 
-This module imports only torch.
+This module imports only torch (and ``ce_dynamics.kernels``, which imports triton only when it runs).
 """
 
 from __future__ import annotations

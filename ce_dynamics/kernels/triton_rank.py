@@ -20,6 +20,8 @@ from torch import Tensor
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)  # the kernel below was defined for the interpreter
 
+INT32_LIMIT = 2**31  # column offsets below it stay in int32 (tests lower it to check the int64 path)
+
 # Elements per block load: 16 KiB of bf16 or 32 KiB of fp32 per step of the row. Tests lower it to cross many
 # block boundaries on small rows.
 MAX_BLOCK = 8192
@@ -39,6 +41,7 @@ def _rank_log_score_kernel(
     col_stride,
     ignore_index,
     USE_ROW_OFFSETS: tl.constexpr,
+    WIDE_COLUMNS: tl.constexpr,  # column offsets past int32: compute them in int64
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -60,7 +63,11 @@ def _rank_log_score_kernel(
         cols = tl.arange(0, BLOCK)
         for start in range(0, vocab_size, BLOCK):
             offsets = start + cols
-            z = tl.load(row_ptr + offsets * col_stride, mask=offsets < vocab_size, other=float("-inf"))
+            if WIDE_COLUMNS:
+                column_offsets = offsets.to(tl.int64) * col_stride
+            else:
+                column_offsets = offsets * col_stride
+            z = tl.load(row_ptr + column_offsets, mask=offsets < vocab_size, other=float("-inf"))
             z = z.to(tl.float32)
             above += tl.sum((z > z_target).to(tl.int32), axis=0)
             poisoned |= tl.max(((z != z) | (z == float("inf"))).to(tl.int32), axis=0)
@@ -130,6 +137,7 @@ def launch(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, T
         _rank_log_score_kernel[(num,)](
             logits, row_offsets, target, ranks, scores,
             vocab_size, inner_rows, outer_stride, inner_stride, logits.stride(-1), ignore_index,
-            USE_ROW_OFFSETS=layout is None, BLOCK=block, num_warps=num_warps,
+            USE_ROW_OFFSETS=layout is None, WIDE_COLUMNS=(vocab_size - 1) * abs(logits.stride(-1)) >= INT32_LIMIT,
+            BLOCK=block, num_warps=num_warps,
         )
     return ranks, scores
