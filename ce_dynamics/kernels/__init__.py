@@ -1,14 +1,13 @@
 """Fused per-token kernels for accelerators (Triton), imported lazily.
 
-Importing this package imports only torch: :func:`triton_available` tries ``import triton`` once, and the
-kernel module (``ce_dynamics.kernels.triton_rank``) is imported at its first use. Triton reads
+Importing this package imports only torch: :func:`triton_available` tries ``import triton`` once, at its first
+call, and the kernel module (``ce_dynamics.kernels.triton_rank``) is imported at its first use. Triton reads
 ``TRITON_INTERPRET`` when the kernel is defined, so set ``TRITON_INTERPRET=1`` before the first Triton call to
 run the kernel on CPU tensors in Triton's interpreter (how the tests check it without a GPU).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 
 from torch import Tensor
@@ -18,8 +17,12 @@ __all__ = ["ranks_and_log_scores_triton", "triton_available"]
 
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether ``import triton`` can succeed here (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether ``import triton`` succeeds here (tried once, at the first call)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or installed without a working backend: the torch path serves
+        return False
+    return True
 
 
 def ranks_and_log_scores_triton(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
