@@ -58,9 +58,7 @@ def _rank_log_score_kernel(
         z_target = tl.load(row_ptr + target * col_stride).to(tl.float32)
         running_max = tl.full((), float("-inf"), tl.float32)
         sum_exp = tl.zeros((), dtype=tl.float32)
-        # Counts per lane, summed once after the loop: two reductions per block instead of four.
-        above = tl.zeros((BLOCK,), dtype=tl.int32)
-        poisoned = tl.zeros((BLOCK,), dtype=tl.int32)  # a NaN or +inf seen: the log-score is NaN, as in torch
+        above = tl.zeros((BLOCK,), dtype=tl.int32)  # per lane, summed once after the loop
         cols = tl.arange(0, BLOCK)
         for start in range(0, vocab_size, BLOCK):
             offsets = start + cols
@@ -71,14 +69,13 @@ def _rank_log_score_kernel(
             z = tl.load(row_ptr + column_offsets, mask=offsets < vocab_size, other=float("-inf"))
             z = z.to(tl.float32)
             above += (z > z_target).to(tl.int32)
-            poisoned |= ((z != z) | (z == float("inf"))).to(tl.int32)
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            # While every logit so far is -inf, exponentiate against 0 (exp(-inf - -inf) would be NaN).
+            # While every logit so far is -inf, exponentiate against 0 (exp(-inf - -inf) would be NaN). A NaN
+            # makes its exp NaN, a +inf makes the pivot +inf and exp(inf - inf) NaN: the sum turns NaN, as in torch.
             pivot = tl.where(new_max == float("-inf"), 0.0, new_max)
             sum_exp = sum_exp * tl.exp(running_max - pivot) + tl.sum(tl.exp(z - pivot), axis=0)
             running_max = new_max
         score = z_target - (running_max + tl.log(sum_exp))
-        score = tl.where(tl.max(poisoned, axis=0) != 0, float("nan"), score)
         rank = tl.sum(above.to(tl.int64), axis=0)
     tl.store(ranks_ptr + row, rank)
     tl.store(scores_ptr + row, score)
