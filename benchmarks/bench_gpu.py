@@ -93,42 +93,45 @@ def copy_bandwidth(device: torch.device) -> float:
     src = torch.empty(2**29, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     (ms,) = alternating_medians([lambda: dst.copy_(src)], 5)
-    del src, dst
     return 2 * 2**31 / (ms / 1e3)
+
+
+def update_row(device: torch.device, vocab: int, dtype: torch.dtype, tokens: int, repeats: int,
+               peak: float | None, copy_bw: float) -> str:
+    """One table row: the update (Triton and torch backends) against F.cross_entropy on one logits tensor."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.empty(tokens, vocab, dtype=dtype, device=device).normal_(0.0, 2.0, generator=gen)
+    target = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    nbytes = logits.numel() * logits.element_size()
+    metrics = {
+        backend: CrossEntropyDecomposition(vocab, backend=backend, validate_args=False,
+                                           nan_strategy="ignore").to(device)
+        for backend in (("triton", "torch") if triton_available() else ("torch",))
+    }
+    calls = [lambda: F.cross_entropy(logits, target)]
+    calls += [lambda m=metric: m.update(logits, target) for metric in metrics.values()]
+    medians = alternating_medians(calls, repeats)
+    ce_ms, update_ms = medians[0], dict(zip(metrics, medians[1:]))
+    main = "triton" if "triton" in metrics else "torch"
+    extra = extra_peak_bytes(lambda: metrics[main].update(logits, target)) / nbytes
+    achieved = nbytes / (update_ms[main] / 1e3)
+    peak_share = f"{achieved / peak:>6.0%}" if peak else f"{'?':>6}"
+    torch_cols = f"{update_ms['torch']:>8.2f} {update_ms['torch'] / ce_ms:>6.2f}"
+    triton_cols = (f"{update_ms['triton']:>9.2f} {update_ms['triton'] / ce_ms:>6.2f}" if "triton" in update_ms
+                   else f"{'-':>9} {'-':>6}")
+    return (
+        f"{vocab:>7} {str(dtype).removeprefix('torch.'):>8} {tokens:>6} {nbytes / 1e9:>7.2f} {ce_ms:>8.2f} "
+        f"{triton_cols} {torch_cols} {achieved / 1e9:>7.0f} {peak_share} {achieved / copy_bw:>6.0%} {extra:>7.2%}"
+    )
 
 
 def update_rows(device: torch.device, grid: list[tuple[int, torch.dtype, int]], repeats: int,
                 peak: float | None, copy_bw: float) -> list[str]:
     rows = []
     for vocab, dtype, tokens in grid:
-        gen = torch.Generator(device=device).manual_seed(0)
-        logits = torch.empty(tokens, vocab, dtype=dtype, device=device).normal_(0.0, 2.0, generator=gen)
-        target = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
-        nbytes = logits.numel() * logits.element_size()
-        metrics = {
-            backend: CrossEntropyDecomposition(vocab, backend=backend, validate_args=False,
-                                               nan_strategy="ignore").to(device)
-            for backend in (("triton", "torch") if triton_available() else ("torch",))
-        }
-        calls = [lambda: F.cross_entropy(logits, target)]
-        calls += [lambda m=metric: m.update(logits, target) for metric in metrics.values()]
-        medians = alternating_medians(calls, repeats)
-        ce_ms, update_ms = medians[0], dict(zip(metrics, medians[1:]))
-        main = "triton" if "triton" in metrics else "torch"
-        extra = extra_peak_bytes(lambda: metrics[main].update(logits, target)) / nbytes
-        achieved = nbytes / (update_ms[main] / 1e3)
-        peak_share = f"{achieved / peak:>6.0%}" if peak else f"{'?':>6}"
-        torch_cols = f"{update_ms['torch']:>8.2f} {update_ms['torch'] / ce_ms:>6.2f}"
-        triton_cols = (f"{update_ms['triton']:>9.2f} {update_ms['triton'] / ce_ms:>6.2f}" if "triton" in update_ms
-                       else f"{'-':>9} {'-':>6}")
-        rows.append(
-            f"{vocab:>7} {str(dtype).removeprefix('torch.'):>8} {tokens:>6} {nbytes / 1e9:>7.2f} {ce_ms:>8.2f} "
-            f"{triton_cols} {torch_cols} {achieved / 1e9:>7.0f} {peak_share} {achieved / copy_bw:>6.0%} "
-            f"{extra:>7.2%}"
-        )
+        rows.append(update_row(device, vocab, dtype, tokens, repeats, peak, copy_bw))
         print(rows[-1], flush=True)
-        del logits, target, metrics, calls
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the case's logits are gone: give the next case the whole device
     return rows
 
 
