@@ -121,6 +121,7 @@ class CEDecompositionCallback(Callback):
         for idx in sorted(self._metrics):  # collectives: every rank takes part, whatever happened
             metric = self._metrics[idx]
             with metric.sync_context():
+                self._guard(trainer, "the metric update", metric.raise_deferred_errors)
                 states[idx] = {"rank_counts": metric.rank_counts.clone(),
                                "rank_log_score_sum": metric.rank_log_score_sum.clone(),
                                "nonfinite_tokens": metric.nonfinite_tokens.clone()}
@@ -129,7 +130,7 @@ class CEDecompositionCallback(Callback):
             loss = trainer.strategy.reduce(loss, reduce_op="sum") if trainer.world_size > 1 else loss
             if float(loss[1]) > 0:
                 states[idx]["loss"] = loss[0] / loss[1]
-        if failed:
+        if failed or self._failure is not None:  # the deferred checks see the synced counts: every rank agrees
             rank_zero_warn(f"CEDecompositionCallback: the validation at step {self._step(trainer)} is not "
                            f"recorded ({self._failure or 'another rank failed'}); training goes on")
             return
@@ -293,7 +294,9 @@ class CEDecompositionCallback(Callback):
 
     def _new_metric(self, vocab_size: int, device: torch.device) -> CrossEntropyDecomposition:
         threads = 1 if self._overlap(device) else None  # beside torch's own threads, take one core, no more
+        # On an accelerator, no host synchronisation per batch: bad targets are counted and raised at the end.
         return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads,
+                                         validate_args=torch.device(device).type == "cpu",
                                          nan_strategy=self.nan_strategy).to(device)
 
     def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

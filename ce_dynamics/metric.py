@@ -10,16 +10,20 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from ce_dynamics.functional import (
-    accumulate_state,
+    BACKENDS,
+    accumulate_tokens,
     decomposition_from_state,
-    token_ranks_and_log_scores,
+    raise_if_nonfinite,
+    token_pass,
 )
+from ce_dynamics.kernels import triton_available
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-_STATES = ("rank_counts", "rank_log_score_sum", "nonfinite_tokens")
+_STATES = ("rank_counts", "rank_log_score_sum", "nonfinite_tokens", "out_of_range_targets")
+NAN_STRATEGIES = ("error", "ignore")
 
 
 class CrossEntropyDecomposition(Metric):
@@ -27,13 +31,24 @@ class CrossEntropyDecomposition(Metric):
 
     ``cross_entropy = error_entropy + self_alignment - confidence`` (Yan et al., ICLR 2026, eq. 8). The state is
     two vectors of length ``vocab_size``, summed across batches and processes: ``rank_counts`` (int64, tokens
-    whose right token had rank ``e``) and ``rank_log_score_sum`` (float64, their summed log-scores). They stay
-    int64/float64 when the owning module is cast to bf16/fp16.
+    whose right token had rank ``e``) and ``rank_log_score_sum`` (float64, their summed log-scores), plus two
+    int64 counters of tokens left out of them, ``nonfinite_tokens`` and ``out_of_range_targets``. They keep
+    their dtypes when the owning module is cast to bf16/fp16.
 
     Args:
         vocab_size: width ``V`` of the logits (the full output width, padding columns included).
         ignore_index: target value whose positions are skipped.
         num_threads: CPU worker threads of ``update``; None: ``torch.get_num_threads()`` at each call.
+        backend: ``"auto"`` (Triton for CUDA tensors when it imports, else torch), ``"torch"`` or ``"triton"``;
+            see :func:`ce_dynamics.functional.token_ranks_and_log_scores`.
+        validate_args: check targets and log-scores in ``update`` and raise there, naming the position (a host
+            synchronisation per check). False: ``update`` never synchronises with the host; non-ignored targets
+            outside ``[0, V)`` are skipped and counted, and ``compute()`` raises a ValueError if there were any;
+            non-finite log-scores are handled by ``nan_strategy`` at ``compute()``.
+        nan_strategy: what a non-finite log-score at a counted position (NaN or +inf logits, or a -inf target
+            logit) does. ``"error"``: ValueError, from ``update`` with ``validate_args`` (state untouched), else
+            from ``compute()``. ``"ignore"``: the token is left out of the decomposition and counted in the state
+            ``nonfinite_tokens``.
         kwargs: forwarded to :class:`torchmetrics.Metric`.
 
     Example:
@@ -50,9 +65,12 @@ class CrossEntropyDecomposition(Metric):
 
     rank_counts: Tensor
     rank_log_score_sum: Tensor
+    nonfinite_tokens: Tensor
+    out_of_range_targets: Tensor
 
     def __init__(self, vocab_size: int, ignore_index: int = -100, num_threads: int | None = None,
-                 nan_strategy: str = "error", **kwargs: Any) -> None:
+                 backend: str = "auto", validate_args: bool = True, nan_strategy: str = "error",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if nan_strategy not in ("error", "ignore"):
             raise ValueError(f"Expected `nan_strategy` to be 'error' or 'ignore', got {nan_strategy!r}.")
@@ -64,14 +82,27 @@ class CrossEntropyDecomposition(Metric):
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"Expected `num_threads` to be None or a positive int, got {num_threads!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"Expected `backend` to be one of {BACKENDS}, got {backend!r}.")
+        if backend == "triton" and not triton_available():
+            raise ImportError("backend='triton' needs the `triton` package (`pip install triton`, Linux).")
+        if not isinstance(validate_args, bool):
+            raise ValueError(f"Expected `validate_args` to be a bool, got {validate_args!r}.")
+        if nan_strategy not in NAN_STRATEGIES:
+            raise ValueError(f"Expected `nan_strategy` to be one of {NAN_STRATEGIES}, got {nan_strategy!r}.")
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.num_threads = num_threads
+        self.backend = backend
+        self.validate_args = validate_args
+        self.nan_strategy = nan_strategy
         self.add_state("rank_counts", default=torch.zeros(vocab_size, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state(
             "rank_log_score_sum", default=torch.zeros(vocab_size, dtype=torch.float64), dist_reduce_fx="sum"
         )
+        # Tokens left out of the two vectors: non-finite log-scores, and (validate_args=False) bad targets.
         self.add_state("nonfinite_tokens", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("out_of_range_targets", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Add a batch: ``logits`` ``[..., V]`` float, ``target`` ``[...]`` integer, already aligned."""
@@ -79,20 +110,41 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError(
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
-        if self.nan_strategy == "ignore" and isinstance(logits, Tensor) and isinstance(target, Tensor) \
-                and logits.is_floating_point() and logits.shape[:-1] == target.shape:
-            bad = ~torch.isfinite(logits.detach()).all(-1) & (target.to(logits.device) != self.ignore_index)
-            self.nonfinite_tokens += bad.sum().to(self.nonfinite_tokens.device)
-            target = target.to(logits.device).masked_fill(bad, self.ignore_index)
-        ranks, log_scores = token_ranks_and_log_scores(logits, target, self.ignore_index, self.num_threads)
-        device = self.rank_counts.device
-        accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
+        tokens = token_pass(logits, target, self.ignore_index, self.num_threads, self.backend, self.validate_args)
+        if self.validate_args and self.nan_strategy == "error":
+            raise_if_nonfinite(tokens)
+        self.nonfinite_tokens += accumulate_tokens(tokens, self.rank_counts, self.rank_log_score_sum)
+        self.out_of_range_targets += tokens.out_of_range.to(self.out_of_range_targets.device)
 
     def compute(self) -> dict[str, Tensor]:
-        """The decomposition of everything accumulated (NaNs, with a warning, before any token)."""
-        out = decomposition_from_state(self.rank_counts, self.rank_log_score_sum)
-        out["nonfinite_tokens"] = self.nonfinite_tokens.clone()
-        return out
+        """The decomposition of everything accumulated (NaNs, with a warning, before any token), with
+        ``nonfinite_tokens``: how many tokens ``nan_strategy="ignore"`` left out.
+
+        Raises:
+            ValueError: (``validate_args=False`` only) ``update`` saw targets outside ``[0, V)``, or non-finite
+                log-scores with ``nan_strategy="error"``.
+        """
+        self.raise_deferred_errors()
+        return decomposition_from_state(self.rank_counts, self.rank_log_score_sum, self.nonfinite_tokens)
+
+    def raise_deferred_errors(self) -> None:
+        """Raise what ``validate_args=False`` defers from ``update`` to here: targets outside ``[0, V)``, and
+        non-finite tokens under ``nan_strategy="error"`` (a ValueError with the count); nothing otherwise."""
+        out_of_range = int(self.out_of_range_targets)
+        if out_of_range:
+            raise ValueError(
+                f"Expected target values in [0, {self.vocab_size}) or ignore_index={self.ignore_index}, but "
+                f"update() was given {out_of_range} other target(s) since the last reset (validate_args=False "
+                "skips them and reports them here; validate_args=True raises at the batch, naming the position)."
+            )
+        nonfinite = int(self.nonfinite_tokens)
+        if nonfinite and self.nan_strategy == "error":
+            raise ValueError(
+                f"Expected finite logits at every non-ignored position, but {nonfinite} token(s) given to update() "
+                "since the last reset had a non-finite log-score (NaN or +inf logits, or a -inf target logit). "
+                "nan_strategy='ignore' leaves them out and counts them in `nonfinite_tokens`; "
+                "validate_args=True raises at the batch, naming the position."
+            )
 
     def plot(self, ax: Axes | None = None, title: str | None = None) -> Figure:  # type: ignore[override]
         """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6)."""

@@ -67,9 +67,8 @@ def saved_steps(root: Path, names: Iterable[str]) -> list[int]:
 
 def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
     """The decomposition dict of a saved state (plus its ``loss``, when it has one)."""
-    out = decomposition_from_state(torch.as_tensor(state["rank_counts"]),
-                                   torch.as_tensor(state["rank_log_score_sum"]))
-    out["nonfinite_tokens"] = int(state.get("nonfinite_tokens", 0))
+    out = decomposition_from_state(torch.as_tensor(state["rank_counts"]), torch.as_tensor(state["rank_log_score_sum"]),
+                                   int(state.get("nonfinite_tokens", 0)))
     for key, kind in (("loss", float), ("num_bytes", int)):
         if key in state:
             out[key] = kind(state[key])

@@ -14,3 +14,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# Triton decides at import whether its kernels are compiled or interpreted, and lightning/torch may import it
+# early: without a GPU, the kernel tests (tests/test_kernels.py) run it in the interpreter on CPU tensors.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -264,3 +264,47 @@ def test_temperature_leaves_ranks_error_entropy_and_accuracy_unchanged(seed, tem
     assert float(a["error_entropy"]) == float(b["error_entropy"])
     assert float(a["accuracy"]) == float(b["accuracy"])
     _assert_identity(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_path_of_accelerators_equals_the_counted_rows_path(monkeypatch, dtype):
+    # Off CPU the torch backend computes every row (ignored ones against column 0) so that no count reaches the
+    # host; run that path on CPU, across chunk boundaries and through the gathered (non-viewable) rows.
+    logits, target = _batch(seed=13, shape=(3, 12), vocab=37, dtype=dtype)
+    target[0, 2:6] = -100
+    target[2, 11] = -100
+    monkeypatch.setattr(functional, "_CPU_CHUNK_ELEMENTS", 5 * 37)
+    for view_logits, view_target in ((logits, target), (logits[:, :-1], target[:, 1:])):
+        counted_rows = token_ranks_and_log_scores(view_logits, view_target)
+        monkeypatch.setattr(functional, "_COMPACT_DEVICE_TYPES", ())
+        tokens = functional.token_pass(view_logits, view_target, validate_args=False)
+        monkeypatch.setattr(functional, "_COMPACT_DEVICE_TYPES", ("cpu",))
+        assert tokens.counted is not None and tokens.ranks.numel() == view_target.numel()
+        assert torch.equal(tokens.counted, view_target.reshape(-1) != -100)
+        assert torch.equal(tokens.ranks[tokens.counted], counted_rows[0])
+        assert torch.equal(tokens.log_scores[tokens.counted].double(), counted_rows[1])
+
+
+def test_decomposition_from_state_carries_nonfinite_tokens(tmp_path):
+    logits, target = _batch(seed=14)
+    counts, sums = torch.zeros(61, dtype=torch.int64), torch.zeros(61, dtype=torch.float64)
+    accumulate_state(*token_ranks_and_log_scores(logits, target), counts, sums)
+    plain = decomposition_from_state(counts, sums)
+    assert plain["nonfinite_tokens"].dtype == torch.int64 and int(plain["nonfinite_tokens"]) == 0
+    np.savez(tmp_path / "state.npz", rank_counts=counts.numpy(), rank_log_score_sum=sums.numpy(),
+             nonfinite_tokens=np.int64(4))
+    with np.load(tmp_path / "state.npz") as saved:
+        restored = decomposition_from_state(saved["rank_counts"], saved["rank_log_score_sum"],
+                                            saved["nonfinite_tokens"])
+    assert restored["nonfinite_tokens"].dtype == torch.int64 and int(restored["nonfinite_tokens"]) == 4
+    for key in (*KEYS, "num_tokens", "p_e", "q_e"):
+        assert torch.equal(restored[key], plain[key]), key
+    with pytest.raises(ValueError, match="non-negative `nonfinite_tokens`, got -1"):
+        decomposition_from_state(counts, sums, -1)
+    with pytest.raises(TypeError, match="`nonfinite_tokens` to be an integer scalar"):
+        decomposition_from_state(counts, sums, 2.0)
+    with pytest.raises(TypeError, match="`nonfinite_tokens` to be an integer scalar"):
+        decomposition_from_state(counts, sums, torch.tensor([1, 2]))
+    with pytest.warns(UserWarning, match=r"No tokens were accumulated \(3 non-finite tokens were left out\)"):
+        empty = decomposition_from_state(torch.zeros(4, dtype=torch.int64), torch.zeros(4), 3)
+    assert int(empty["nonfinite_tokens"]) == 3

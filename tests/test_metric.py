@@ -7,8 +7,10 @@ import os
 import socket
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
@@ -178,6 +180,132 @@ def test_bad_values_at_ignored_positions_are_fine():
     assert int(metric.compute()["num_tokens"]) == 6
 
 
+SHAPE_AND_TYPE_CASES = ["int logits", "float target", "bool target", "list logits", "shape mismatch", "vocab mismatch"]
+
+
+@pytest.mark.parametrize("case", SHAPE_AND_TYPE_CASES)
+def test_shape_and_type_errors_raise_without_validate_args_too(case):
+    make, error, message = BAD_INPUTS[case]
+    metric = CrossEntropyDecomposition(VOCAB, validate_args=False, nan_strategy="ignore")
+    with pytest.raises(error, match=message):
+        metric.update(*make())
+
+
+def _three_nonfinite_rows():
+    """GOOD_LOGITS with NaN at row 3, +inf at row 2 and a -inf target logit at row 1; rows kept: the others."""
+    logits = GOOD_LOGITS.clone()
+    logits[3, 5] = math.nan
+    logits[2, 0] = math.inf
+    logits[1, int(GOOD_TARGET[1])] = -math.inf
+    keep = torch.tensor([True, False, False, False, True, True, True, True])
+    return logits, GOOD_TARGET, keep
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_nan_strategy_ignore_decomposes_the_finite_tokens_and_counts_the_others(validate_args):
+    logits, target, keep = _three_nonfinite_rows()
+    metric = CrossEntropyDecomposition(VOCAB, validate_args=validate_args, nan_strategy="ignore")
+    metric.update(logits, target)
+    result = metric.compute()
+    assert result["nonfinite_tokens"].dtype == torch.int64 and result["nonfinite_tokens"].shape == ()
+    assert int(result["nonfinite_tokens"]) == 3 and int(result["num_tokens"]) == 5
+    z, t = logits[keep].double().numpy(), target[keep].numpy()
+    ranks = (z > z[np.arange(len(t)), t][:, None]).sum(axis=1)
+    np.testing.assert_array_equal(metric.rank_counts.numpy(), np.bincount(ranks, minlength=VOCAB))
+    reference = F.cross_entropy(logits[keep].double(), target[keep])
+    assert math.isclose(float(result["cross_entropy"]), float(reference), rel_tol=1e-6)
+    assert math.isclose(float(result["cross_entropy"]),
+                        float(result["error_entropy"] + result["self_alignment"] - result["confidence"]),
+                        rel_tol=1e-12)
+
+
+def test_nan_strategy_error_without_validate_args_raises_at_compute_and_keeps_the_finite_tokens():
+    logits, target, keep = _three_nonfinite_rows()
+    metric = CrossEntropyDecomposition(VOCAB, validate_args=False)
+    metric.update(logits, target)  # no check, no raise: nothing is read back from the tensors
+    assert int(metric.rank_counts.sum()) == 5 and int(metric.nonfinite_tokens) == 3
+    with pytest.raises(ValueError, match=r"3 token\(s\) given to update\(\) since the last reset had a non-finite"):
+        metric.compute()
+    metric.reset()
+    metric.update(logits[keep], target[keep])
+    assert int(metric.compute()["num_tokens"]) == 5
+
+
+@pytest.mark.parametrize("nan_strategy", ["error", "ignore"])
+def test_out_of_range_targets_without_validate_args_are_skipped_and_raised_at_compute(nan_strategy):
+    target = GOOD_TARGET.clone()
+    target[4], target[6], target[7] = VOCAB, -1, -100
+    metric = CrossEntropyDecomposition(VOCAB, validate_args=False, nan_strategy=nan_strategy)
+    metric.update(GOOD_LOGITS, target)
+    assert int(metric.rank_counts.sum()) == 5 and int(metric.out_of_range_targets) == 2
+    with pytest.raises(ValueError, match=r"\[0, 23\) or ignore_index=-100, but update\(\) was given 2 other target"):
+        metric.compute()
+    metric.reset()
+    metric.update(GOOD_LOGITS, GOOD_TARGET)
+    assert int(metric.compute()["num_tokens"]) == 8
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ignored=st.lists(st.integers(0, 29), max_size=10))
+def test_validate_args_false_gives_the_same_state_on_good_input(seed, ignored):
+    logits, target = _data(seed, tokens=30)
+    target[ignored] = -100
+    checked = CrossEntropyDecomposition(VOCAB)
+    unchecked = CrossEntropyDecomposition(VOCAB, validate_args=False, nan_strategy="ignore")
+    checked.update(logits, target)
+    unchecked.update(logits, target)
+    for name in ("rank_counts", "rank_log_score_sum", "nonfinite_tokens", "out_of_range_targets"):
+        assert torch.equal(getattr(checked, name), getattr(unchecked, name)), name
+
+
+@pytest.mark.parametrize("validate_args", [False, True])
+def test_update_reads_no_value_back_without_validate_args(validate_args):
+    # Meta tensors have shapes and no data: any value read on the host (.item(), bool(), nonzero) fails on them.
+    # Off CPU the torch backend takes the same path as on a GPU (every row, masks), so this is the GPU path's check.
+    metric = CrossEntropyDecomposition(VOCAB, validate_args=validate_args, nan_strategy="ignore").to("meta")
+    logits = torch.empty(2, 6, VOCAB, device="meta", dtype=torch.bfloat16)
+    target = torch.empty(2, 6, device="meta", dtype=torch.int64)
+    if validate_args:
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            metric.update(logits[:, :-1], target[:, 1:])
+    else:
+        metric.update(logits[:, :-1], target[:, 1:])
+        metric.update(logits, target)
+        assert metric.rank_counts.device.type == "meta" and metric.nonfinite_tokens.shape == ()
+
+
+def test_compute_always_reports_nonfinite_tokens():
+    metric = CrossEntropyDecomposition(VOCAB)
+    metric.update(*_data(11))
+    result = metric.compute()
+    assert result["nonfinite_tokens"].dtype == torch.int64 and int(result["nonfinite_tokens"]) == 0
+
+
+def test_forward_gives_the_batch_nonfinite_count_and_accumulates_it():
+    logits, target, _ = _three_nonfinite_rows()
+    metric = CrossEntropyDecomposition(VOCAB, nan_strategy="ignore")
+    assert int(metric(logits, target)["nonfinite_tokens"]) == 3
+    assert int(metric(GOOD_LOGITS, GOOD_TARGET)["nonfinite_tokens"]) == 0
+    assert int(metric(logits, target)["nonfinite_tokens"]) == 3
+    result = metric.compute()
+    assert int(result["nonfinite_tokens"]) == 6 and int(result["num_tokens"]) == 5 + 8 + 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"nan_strategy": "warn"}, r"`nan_strategy` to be one of \('error', 'ignore'\), got 'warn'"),
+        ({"nan_strategy": None}, "`nan_strategy` to be one of"),
+        ({"validate_args": "no"}, "`validate_args` to be a bool, got 'no'"),
+        ({"validate_args": 0}, "`validate_args` to be a bool"),
+        ({"backend": "gpu"}, r"`backend` to be one of \('auto', 'torch', 'triton'\), got 'gpu'"),
+    ],
+)
+def test_new_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CrossEntropyDecomposition(VOCAB, **kwargs)
+
+
 @pytest.mark.parametrize("vocab_size", [0, -3, 2.5, "50", True, None])
 def test_vocab_size_must_be_a_positive_int(vocab_size):
     with pytest.raises(ValueError, match="positive int"):
@@ -235,7 +363,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        metric = CrossEntropyDecomposition(VOCAB)
+        metric = CrossEntropyDecomposition(VOCAB, nan_strategy="ignore")
         for logits, target in shards[rank]:
             metric.update(logits, target)
         with warnings.catch_warnings():
@@ -250,15 +378,17 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -
 def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path):
     logits, target = _data(10, tokens=70)
     target[::9] = -100
+    logits[[10, 55, 61], 3] = math.nan  # one non-finite token on rank 0, two on rank 1: summed across ranks
     # Rank 0 gets 1 batch of 50 tokens, rank 1 one batch of 20: uneven shards, one update each.
     shards = [[(logits[:50], target[:50])], [(logits[50:], target[50:])]]
     out = tmp_path / "ddp.pt"
     mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, str(out)), nprocs=2, join=True, start_method="spawn")
     ddp = torch.load(out)
-    single = CrossEntropyDecomposition(VOCAB)
+    single = CrossEntropyDecomposition(VOCAB, nan_strategy="ignore")
     for shard in shards:
         for batch in shard:
             single.update(*batch)
     expected = single.compute()
-    for key in (*KEYS, "num_tokens", "p_e", "q_e"):
+    for key in (*KEYS, "num_tokens", "nonfinite_tokens", "p_e", "q_e"):
         assert torch.equal(ddp[key], expected[key]), key
+    assert int(ddp["nonfinite_tokens"]) == 3
