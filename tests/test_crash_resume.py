@@ -38,7 +38,10 @@ def config(out: Path, cache: Path) -> list[str]:
 
 
 def launch(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # Without WANDB_SERVICE: a W&B service this test process started would outlive a killed child and keep its
+    # run id "in use"; every real process starts its own.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
