@@ -72,9 +72,6 @@ class CrossEntropyDecomposition(Metric):
                  backend: str = "auto", validate_args: bool = True, nan_strategy: str = "error",
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if nan_strategy not in ("error", "ignore"):
-            raise ValueError(f"Expected `nan_strategy` to be 'error' or 'ignore', got {nan_strategy!r}.")
-        self.nan_strategy = nan_strategy
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
