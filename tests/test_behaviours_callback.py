@@ -5,9 +5,6 @@ options (save_arrays, log_histograms, max_buckets, ignore_index, dataset names a
 from __future__ import annotations
 
 import csv
-import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,17 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ce_dynamics import CEDecompositionCallback
 from ce_dynamics.functional import KEYS
+from test_callback import wandb_history
 
 TOKENS = 37  # input token ids; the logit width is the module's own
-
-
-def wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline W&B run, read with `wandb leet inspect --json` (the real CLI)."""
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    proc = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
-                          text=True, check=True, timeout=60)
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
 def _run_dir(tmp: Path) -> Path:
