@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ce_dynamics.from_hidden import token_ranks_and_log_scores_from_hidden  # noqa: F401  (re-exported)
+
 KEYS = (
     "cross_entropy",
     "error_entropy",
