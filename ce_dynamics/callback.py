@@ -47,7 +47,7 @@ class CEDecompositionCallback(Callback):
             when torch uses fewer threads than this process may run on (a spare core; an update competing with
             torch's own threads would slow both). Errors surface at the next batch or the end of validation.
         lm_head: for a `validation_step` that returns `"hidden_states"`: the unembedding, as the name of an
-            attribute of the LightningModule (dotted, e.g. `"model.embed_out"`) or a callable taking the
+            attribute of the LightningModule (dotted, e.g. `"model.lm_head"`) or a callable taking the
             LightningModule; either gives a module with `.weight` [V, H] (and optional `.bias`) or the weight
             tensor. None: `pl_module.get_output_embeddings()`, else `pl_module.model.get_output_embeddings()`.
 

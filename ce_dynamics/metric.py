@@ -93,6 +93,10 @@ class CrossEntropyDecomposition(Metric):
         """Add a batch given as hidden states ``[..., H]`` and the unembedding ``weight`` ``[V, H]`` (+ ``bias``
         ``[V]``): the state ``update(hidden @ weight.T + bias, target)`` would add, without the ``N x V`` logits
         (see :func:`ce_dynamics.functional.token_ranks_and_log_scores_from_hidden`)."""
+        # through torchmetrics' update wrapper, as `update` is: it drops the cached compute() and counts the update
+        self._wrap_update(self._update_from_hidden)(hidden, weight, target, bias)
+
+    def _update_from_hidden(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
         if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] != self.vocab_size:
             raise ValueError(
                 f"Expected `weight` of shape [{self.vocab_size}, H] (vocab_size rows), got {tuple(weight.shape)}."
