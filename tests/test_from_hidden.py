@@ -136,9 +136,9 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def _extra_peak_memory(block_rows: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "4096", "16", "50304", "2", block_rows],
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, "4096", "16", "50304", "1", block_rows],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
