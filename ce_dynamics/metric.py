@@ -126,8 +126,10 @@ class CrossEntropyDecomposition(Metric):
         if dist_sync_fn not in (None, gather_all_tensors):
             super()._sync_dist(dist_sync_fn, process_group=process_group)
             return
-        group = process_group or self.process_group
-        self.rank_counts, self.rank_log_score_sum = all_reduce_sum_([self.rank_counts, self.rank_log_score_sum], group)
+        names = list(self._reductions)  # every state of this metric is a tensor reduced by "sum"
+        summed = all_reduce_sum_([getattr(self, name) for name in names], process_group or self.process_group)
+        for name, value in zip(names, summed):
+            setattr(self, name, value)
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         # A parent's `.to(torch.bfloat16)` (Lightning's "bf16-true") would cast the float64 state: follow the
