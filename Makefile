@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_callback.py
 	$(BIN)/python benchmarks/bench_replay.py
 	$(BIN)/python benchmarks/bench_gpu.py
+	$(BIN)/python benchmarks/bench_hidden.py
 
 clean:
 	rm -rf $(VENV) outputs

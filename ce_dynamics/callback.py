@@ -2,7 +2,9 @@
 
 Contract with the LightningModule: `validation_step` returns a mapping with `"logits"` ([..., V]) and
 `"labels"` ([...], `ignore_index` skipped), aligned (the label at t is the token predicted from logits at t);
-a `"loss"` in it is logged as `val/loss/<set>` in the same row.
+a `"loss"` in it is logged as `val/loss/<set>` in the same row. Instead of `"logits"`, it may return
+`"hidden_states"` ([..., H]): they are scored against the module's unembedding (`lm_head=`) without building the
+logits.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class CEDecompositionCallback(Callback):
         backfill: on setup, log saved steps a readable logger lacks (a resumed or rerun run's missing rows).
         nan_strategy: the metric's: "ignore" counts non-finite tokens and leaves them out; "error" raises (replay
             uses it, so a diverged checkpoint is reported as failed rather than recorded as NaN).
+        lm_head: for a `validation_step` that returns `"hidden_states"`: the unembedding, as the name of an
+            attribute of the LightningModule (dotted, e.g. `"model.lm_head"`) or a callable taking the
+            LightningModule; either gives a module with `.weight` [V, H] (and optional `.bias`) or the weight
+            tensor. None: `pl_module.get_output_embeddings()`, else `pl_module.model.get_output_embeddings()`.
 
     Attributes:
         step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
@@ -69,7 +75,8 @@ class CEDecompositionCallback(Callback):
     def __init__(self, output_dir: str | os.PathLike | None = None, dataset_names: Sequence[str] | None = None,
                  ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
                  save_arrays: bool = True, background_media: bool = True,
-                 overlap_updates: bool | None = None, backfill: bool = True, nan_strategy: str = "ignore") -> None:
+                 overlap_updates: bool | None = None, backfill: bool = True, nan_strategy: str = "ignore",
+                 lm_head: str | Callable[[L.LightningModule], Any] | None = None) -> None:
         if not 1 <= max_buckets <= 512:
             raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -82,6 +89,9 @@ class CEDecompositionCallback(Callback):
         self.overlap_updates = overlap_updates
         self.backfill = backfill
         self.nan_strategy = nan_strategy
+        if lm_head is not None and not (isinstance(lm_head, str) or callable(lm_head)):
+            raise ValueError(f"lm_head must be None, an attribute name or a callable, got {type(lm_head).__name__}")
+        self.lm_head = lm_head
         self.step: int | None = None
         self.last_results: dict[str, dict[str, float]] = {}
         self._media = sinks.WandbMedia(max_buckets)
@@ -109,7 +119,7 @@ class CEDecompositionCallback(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking or self._failure is not None:
             return
-        self._guard(trainer, "the metric update", self._update, outputs, dataloader_idx)
+        self._guard(trainer, "the metric update", self._update, pl_module, outputs, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -187,28 +197,66 @@ class CEDecompositionCallback(Callback):
     def _root(self, trainer: L.Trainer) -> Path:
         return self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir)
 
-    def _update(self, outputs: Any, dataloader_idx: int) -> None:
-        if not isinstance(outputs, Mapping) or "logits" not in outputs or "labels" not in outputs:
+    def _update(self, pl_module: L.LightningModule, outputs: Any, dataloader_idx: int) -> None:
+        if (not isinstance(outputs, Mapping) or "labels" not in outputs
+                or ("logits" not in outputs and "hidden_states" not in outputs)):
             got = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
             raise ValueError(
-                "CEDecompositionCallback needs validation_step to return a mapping with 'logits' [..., V] and "
-                f"'labels' [...] (aligned); got {got}"
+                "CEDecompositionCallback needs validation_step to return a mapping with 'logits' [..., V] (or "
+                f"'hidden_states' [..., H], scored against the unembedding: see lm_head) and 'labels' [...] "
+                f"(aligned); got {got}"
             )
-        logits = outputs["logits"].detach()
+        if "logits" in outputs:
+            inputs: tuple[torch.Tensor | None, ...] = (outputs["logits"].detach(),)
+            width = inputs[0].shape[-1]
+        else:
+            hidden = outputs["hidden_states"].detach()
+            inputs = (hidden, *self._unembedding(pl_module, hidden.dtype))
+            width = inputs[1].shape[0]
         labels = outputs["labels"].detach()
         metric = self._metrics.get(dataloader_idx)
         if metric is None:
-            metric = self._metrics[dataloader_idx] = self._new_metric(logits.shape[-1], logits.device)
+            metric = self._metrics[dataloader_idx] = self._new_metric(width, inputs[0].device)
         loss = outputs.get("loss")
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             tokens = (labels != self.ignore_index).sum().to(torch.float64)
             acc = self._losses.setdefault(dataloader_idx, torch.zeros(2, dtype=torch.float64, device=loss.device))
             acc += torch.stack([loss.detach().to(torch.float64).reshape(()) * tokens, tokens])
+        update = metric.update if len(inputs) == 1 else (
+            lambda hidden, weight, bias, target: metric.update_from_hidden(hidden, weight, target, bias))
         self._finish_update()
         if metric.num_threads == 1:  # _new_metric made it single-threaded to run beside torch's own threads
-            self._pending_update = self._background().submit(in_callers_inference_mode(metric.update), logits, labels)
+            self._pending_update = self._background().submit(in_callers_inference_mode(update), *inputs, labels)
         else:
-            metric.update(logits, labels)
+            update(*inputs, labels)
+
+    def _unembedding(self, pl_module: L.LightningModule, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [V, H], bias [V] or None) of `lm_head`, detached, in the hidden states' dtype (as autocast
+        would run the head)."""
+        head: Any
+        if isinstance(self.lm_head, str):
+            head = pl_module
+            for name in self.lm_head.split("."):
+                if not hasattr(head, name):
+                    raise ValueError(f"lm_head={self.lm_head!r}: {type(head).__name__} has no attribute {name!r}")
+                head = getattr(head, name)
+        elif self.lm_head is not None:
+            head = self.lm_head(pl_module)
+        else:
+            owner = pl_module if hasattr(pl_module, "get_output_embeddings") else getattr(pl_module, "model", None)
+            head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+            if head is None:
+                raise ValueError(
+                    "validation_step returned 'hidden_states' but the unembedding was not found: "
+                    "pl_module.get_output_embeddings() and pl_module.model.get_output_embeddings() are missing or "
+                    "None; pass CEDecompositionCallback(lm_head=...)"
+                )
+        weight = head if isinstance(head, torch.Tensor) else getattr(head, "weight", None)
+        bias = None if isinstance(head, torch.Tensor) else getattr(head, "bias", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"Expected lm_head to give a weight tensor [V, H] (or a module with one), got {head!r}")
+        return weight.detach().to(dtype), (bias.detach().to(dtype) if bias is not None else None)
 
     def _record(self, trainer: L.Trainer, states: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """Turn the synced states into results; on rank zero save the arrays, then log the row once per logger."""

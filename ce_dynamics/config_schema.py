@@ -111,6 +111,7 @@ RULES: dict[str, Rule] = {
     "model.revision": STR | NULL,
     "model.pretrained": BOOL,
     "model.tokenizer": STR | NULL,
+    "model.validation_output": one_of("logits", "hidden_states"),
     "model.vocab_size": POSITIVE,
     "model.hidden_size": POSITIVE,
     "model.num_hidden_layers": POSITIVE,

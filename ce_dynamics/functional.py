@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ce_dynamics import kernels
+from ce_dynamics.from_hidden import token_ranks_and_log_scores_from_hidden  # noqa: F401  (re-exported)
 
 KEYS = (
     "cross_entropy",

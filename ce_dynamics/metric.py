@@ -11,12 +11,15 @@ from torchmetrics import Metric
 
 from ce_dynamics.functional import (
     BACKENDS,
+    accumulate_state,
     accumulate_tokens,
     decomposition_from_state,
     raise_if_nonfinite,
     token_pass,
 )
 from ce_dynamics.kernels import triton_available
+from ce_dynamics.from_hidden import token_ranks_and_log_scores_from_hidden
+from ce_dynamics.sharded import all_reduce_sum_, is_dtensor, token_ranks_and_log_scores_sharded
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -102,16 +105,44 @@ class CrossEntropyDecomposition(Metric):
         self.add_state("out_of_range_targets", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add a batch: ``logits`` ``[..., V]`` float, ``target`` ``[...]`` integer, already aligned."""
+        """Add a batch: ``logits`` ``[..., V]`` float, ``target`` ``[...]`` integer, already aligned.
+
+        ``logits`` may be a DTensor sharded on the vocabulary (``Shard(-1)``): then every rank of that mesh dim
+        must call ``update`` with the same tokens, and the metric's ``process_group`` should be the
+        data-parallel group, so that the ranks sharing tokens do not count them twice at sync.
+        """
         if isinstance(logits, Tensor) and logits.dim() >= 1 and logits.shape[-1] != self.vocab_size:
             raise ValueError(
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
+        if is_dtensor(logits):  # vocab-sharded: per-token numbers all-reduced, the vocabulary never gathered
+            ranks, log_scores = token_ranks_and_log_scores_sharded(logits, target, self.ignore_index)
+            device = self.rank_counts.device
+            accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
+            return
         tokens = token_pass(logits, target, self.ignore_index, self.num_threads, self.backend, self.validate_args)
         if self.validate_args and self.nan_strategy == "error":
             raise_if_nonfinite(tokens)
         self.nonfinite_tokens += accumulate_tokens(tokens, self.rank_counts, self.rank_log_score_sum)
         self.out_of_range_targets += tokens.out_of_range.to(self.out_of_range_targets.device)
+
+    def update_from_hidden(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> None:
+        """Add a batch given as hidden states ``[..., H]`` and the unembedding ``weight`` ``[V, H]`` (+ ``bias``
+        ``[V]``): the state ``update(hidden @ weight.T + bias, target)`` would add, without the ``N x V`` logits
+        (see :func:`ce_dynamics.functional.token_ranks_and_log_scores_from_hidden`)."""
+        # through torchmetrics' update wrapper, as `update` is: it drops the cached compute() and counts the update
+        self._wrap_update(self._update_from_hidden)(hidden, weight, target, bias)
+
+    def _update_from_hidden(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
+        if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"Expected `weight` of shape [{self.vocab_size}, H] (vocab_size rows), got {tuple(weight.shape)}."
+            )
+        ranks, log_scores = token_ranks_and_log_scores_from_hidden(
+            hidden, weight, target, bias, self.ignore_index, self.num_threads
+        )
+        device = self.rank_counts.device
+        accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
 
     def compute(self) -> dict[str, Tensor]:
         """The decomposition of everything accumulated (NaNs, with a warning, before any token), with
@@ -149,6 +180,19 @@ class CrossEntropyDecomposition(Metric):
 
         result = self.compute()
         return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title)
+
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
+        # torchmetrics all-gathers every state (world x V numbers per rank) and then sums; an all-reduce moves V.
+        # A dist_sync_fn given by the user keeps torchmetrics' own path.
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        if dist_sync_fn not in (None, gather_all_tensors):
+            super()._sync_dist(dist_sync_fn, process_group=process_group)
+            return
+        names = list(self._reductions)  # every state of this metric is a tensor reduced by "sum"
+        summed = all_reduce_sum_([getattr(self, name) for name in names], process_group or self.process_group)
+        for name, value in zip(names, summed):
+            setattr(self, name, value)
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> torch.nn.Module:
         # A parent's `.to(torch.bfloat16)` (Lightning's "bf16-true") would cast the float64 state: follow the

@@ -1,5 +1,5 @@
 """CausalLMModule: a Hugging Face causal LM as a LightningModule that honours the callback's contract
-(`validation_step` returns aligned `{"logits", "labels", "loss"}`)."""
+(`validation_step` returns aligned `{"logits", "labels", "loss"}`, or `{"hidden_states", "labels", "loss"}`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VALIDATION_OUTPUTS = ("logits", "hidden_states")
+_LOSS_BLOCK_ELEMENTS = 2**24  # logits per block of the validation loss from hidden states (64 MiB in fp32)
 
 
 def build_gpt_neox(model_config: Mapping[str, Any]) -> torch.nn.Module:
@@ -39,15 +41,23 @@ class CausalLMModule(L.LightningModule):
 
     Either `model_config` (GPT-NeoX keyword arguments; trains from scratch) or `hub_id` (+ `revision`, loaded
     with `from_pretrained`, in `dtype`). Logs `train/loss` and `val/loss/<eval set>`.
+
+    `validation_output="hidden_states"`: `validation_step` returns the last hidden states instead of the logits
+    (the callback scores them against `get_output_embeddings()`), and computes its loss in token blocks, so a
+    large vocabulary's `N x V` logits are never built in validation. Only for models whose logits are
+    `lm_head(last_hidden_state)` (no logit scaling or soft-capping after the head).
     """
 
     def __init__(self, model_config: Mapping[str, Any] | None = None, hub_id: str | None = None,
                  revision: str | None = None, dtype: str = "float32", lr: float = 3e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 0, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 validation_output: str = "logits") -> None:
         super().__init__()
         if (model_config is None) == (hub_id is None):
             raise ValueError("give exactly one of model_config (train from scratch) or hub_id (from_pretrained)")
+        if validation_output not in VALIDATION_OUTPUTS:
+            raise ValueError(f"validation_output must be one of {list(VALIDATION_OUTPUTS)}, got {validation_output!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.save_hyperparameters()
@@ -62,12 +72,29 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids).logits
 
     def _shifted(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = batch["input_ids"]
-        logits = self(input_ids[:, :-1])  # causal: the same as slicing the full output, but contiguous
-        labels = input_ids[:, 1:]
+        logits = self(batch["input_ids"][:, :-1])  # causal: the same as slicing the full output, but contiguous
+        return logits, self._labels(batch)
+
+    @staticmethod
+    def _labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["input_ids"][:, 1:]
         if "attention_mask" in batch:
             labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        return logits, labels
+        return labels
+
+    def _hidden_states_and_loss(self, batch: Mapping[str, torch.Tensor]
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(last hidden states [B, T-1, H], labels, mean cross-entropy), the loss from blocks of logits."""
+        hidden = self.model.base_model(input_ids=batch["input_ids"][:, :-1]).last_hidden_state
+        labels = self._labels(batch)
+        head = self.model.get_output_embeddings()
+        flat_hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
+        rows = max(1, _LOSS_BLOCK_ELEMENTS // head.weight.shape[0])
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat_labels.numel(), rows):
+            logits = head(flat_hidden[start:start + rows]).float()
+            total = total + F.cross_entropy(logits, flat_labels[start:start + rows], reduction="sum")
+        return hidden, labels, total / (flat_labels != -100).sum()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits, labels = self._shifted(batch)
@@ -77,15 +104,20 @@ class CausalLMModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        logits, labels = self._shifted(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if self.hparams.validation_output == "hidden_states":
+            hidden, labels, loss = self._hidden_states_and_loss(batch)
+            outputs = {"hidden_states": hidden, "labels": labels, "loss": loss}
+        else:
+            logits, labels = self._shifted(batch)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            outputs = {"logits": logits, "labels": labels, "loss": loss}
         names = getattr(self.trainer.datamodule, "eval_names", None) if self._trainer is not None else None
         name = names[dataloader_idx] if names else f"val_{dataloader_idx}"
         # For the progress bar, the validate table and `monitor=`; loggers get it from CEDecompositionCallback,
         # in the row of the same validation (same step, once per step).
         self.log(f"val/loss/{name}", loss, add_dataloader_idx=False, sync_dist=True, batch_size=labels.numel(),
                  logger=False)
-        return {"logits": logits, "labels": labels, "loss": loss}
+        return outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

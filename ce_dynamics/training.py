@@ -30,7 +30,7 @@ from ce_dynamics.progress import console_callbacks
 
 log = logging.getLogger(__name__)
 
-_NOT_SHAPE_KEYS = ("hub_id", "revision", "pretrained", "tokenizer")
+_NOT_SHAPE_KEYS = ("hub_id", "revision", "pretrained", "tokenizer", "validation_output")
 
 
 def model_shape(cfg: DictConfig) -> dict[str, Any]:
@@ -81,14 +81,14 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
 def build_module(cfg: DictConfig, hub_id: str | None = None, revision: str | None = None,
                  dtype: str = "float32") -> CausalLMModule:
     """`from_pretrained(hub_id, revision)` when given (or `model.pretrained`), else GPT-NeoX from model.*."""
-    optim = _plain(cfg.optim)
+    kwargs = {**_plain(cfg.optim), "validation_output": cfg.model.validation_output}
     if hub_id is None and cfg.model.pretrained:
         hub_id, revision = cfg.model.hub_id, cfg.model.revision
         if not hub_id:
             raise ValueError("model.pretrained=true needs model.hub_id")
     if hub_id is not None:
-        return CausalLMModule(hub_id=hub_id, revision=revision, dtype=dtype, **optim)
-    return CausalLMModule(model_config=model_shape(cfg), **optim)
+        return CausalLMModule(hub_id=hub_id, revision=revision, dtype=dtype, **kwargs)
+    return CausalLMModule(model_config=model_shape(cfg), **kwargs)
 
 
 def _wandb_run_id(output_dir: Path, run_name: str) -> str:
