@@ -185,8 +185,13 @@ def test_callback_scores_hidden_states_like_logits_in_a_fit(tmp_path):
 
 
 def test_callback_without_an_unembedding_says_to_pass_lm_head(tmp_path):
+    module = CausalLMModule(model_config=SHAPE, validation_output="hidden_states")
+    callback = CEDecompositionCallback(output_dir=tmp_path, dataset_names=["val"], lm_head="model.nope")
+    val = [{"input_ids": torch.randint(0, 300, (4, 17), generator=torch.Generator().manual_seed(3))}]
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="lm_head='model.nope'.*has no attribute 'nope'"):
-        _fit_results(tmp_path, "hidden_states", lm_head="model.nope")
+        trainer.validate(module, DataLoader(val, batch_size=None), verbose=False)  # in fit: a warning (issue 9)
     with pytest.raises(ValueError, match="lm_head must be None, an attribute name or a callable"):
         CEDecompositionCallback(lm_head=3)
 
