@@ -75,7 +75,7 @@ def token_ranks_and_log_scores_from_hidden(hidden: Tensor, weight: Tensor, targe
         TypeError / ValueError: wrong dtypes, shapes or devices, a target outside ``[0, V)`` that is not
             ``ignore_index``, or a non-finite log-score at a non-ignored position.
     """
-    from ce_dynamics.functional import _position, _run_in_threads
+    from ce_dynamics.functional import _position, _run_in_threads, _score_rows
 
     _check_hidden_inputs(hidden, weight, target, bias)
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
@@ -125,11 +125,8 @@ def token_ranks_and_log_scores_from_hidden(hidden: Tensor, weight: Tensor, targe
             if wide is not None:  # fp16/bf16 logits: upcast once (exact), then score in float32
                 z = wide[: stop - start].copy_(z)
             w = work[: stop - start]
-            target_column = tokens[start:stop, None]
-            torch.gt(z, z.gather(1, target_column), out=w)  # the target logit of this very block
-            ranks[start:stop] = w.sum(1, dtype=count_dtype)
-            torch.log_softmax(z, 1, out=w)
-            log_scores[start:stop] = w.gather(1, target_column).squeeze(1)
+            # ranked against the target logit of this very block
+            ranks[start:stop], log_scores[start:stop] = _score_rows(z, tokens[start:stop, None], w, count_dtype)
 
     workers = min(num_threads or torch.get_num_threads(), -(-num // block_rows)) if on_cpu else 1
     if workers <= 1:

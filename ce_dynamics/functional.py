@@ -86,6 +86,16 @@ def in_callers_inference_mode(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def _score_rows(z: Tensor, target_column: Tensor, work: Tensor,
+                count_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Strict rank (``#{v : z_v > z_target}``) and log-score of each row's target, through the buffer ``work``
+    (``z``'s shape): the compare lands as 0.0/1.0 there, then one fused log_softmax overwrites it."""
+    torch.gt(z, z.gather(1, target_column), out=work)
+    ranks = work.sum(1, dtype=count_dtype)
+    torch.log_softmax(z, 1, out=work)  # one fused pass: max, sum of exp, z - logsumexp(z)
+    return ranks, work.gather(1, target_column).squeeze(1)
+
+
 def _run_in_threads(run_block: Callable[[int, int], None], num: int, workers: int) -> None:
     """Split ``[0, num)`` into contiguous blocks, one per worker thread, each running single-threaded ops.
 
@@ -217,11 +227,7 @@ def _torch_pass(logits: Tensor, tokens: Tensor, index: Tensor | None, num_thread
             w = work[: stop - start]
             if wide is not None:  # fp16/bf16: upcast the chunk once (exact), then work in float32
                 chunk = wide[: stop - start].copy_(chunk)
-            target_column = tokens[start:stop, None]
-            torch.gt(chunk, chunk.gather(1, target_column), out=w)
-            ranks[start:stop] = w.sum(1, dtype=count_dtype)
-            torch.log_softmax(chunk, 1, out=w)  # one fused pass: max, sum of exp, z - logsumexp(z)
-            log_scores[start:stop] = w.gather(1, target_column).squeeze(1)
+            ranks[start:stop], log_scores[start:stop] = _score_rows(chunk, tokens[start:stop, None], w, count_dtype)
 
     workers = min(num_threads or torch.get_num_threads(), -(-num // chunk_rows)) if on_cpu else 1
     if workers <= 1:
