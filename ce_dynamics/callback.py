@@ -29,6 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_dynamics import sinks
+from ce_dynamics.files import save_state
 from ce_dynamics.functional import KEYS, in_callers_inference_mode
 from ce_dynamics.metric import CrossEntropyDecomposition
 
@@ -280,7 +281,7 @@ class CEDecompositionCallback(Callback):
         root = self._root(trainer)
         if self.save_arrays:
             for name, state in by_name.items():
-                sinks.save_state(root, name, step, state)
+                save_state(root, name, step, state)
         scalars = sinks.scalars_of(results)
         for logger in trainer.loggers:
             if sinks.holds(logger, step):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from ce_dynamics.functional import KEYS
 
@@ -90,3 +93,47 @@ def append_result_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]
 def append_result_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
     """Append one row atomically (see :func:`append_result_rows`)."""
     append_result_rows(path, [row])
+
+
+# ------------------------------------------------------------------------------ per-validation state files
+# ``<root>/arrays/<eval set>/step_<N>.npz``: ``rank_counts``, ``rank_log_score_sum`` and extras, written by the
+# Lightning callback and the Hugging Face Trainer callback, read by replay, sweeps, the summary and scaling.
+
+_STATE_FILE = re.compile(r"step_(\d+)\.npz")
+
+
+def state_path(root: str | os.PathLike, name: str, step: int) -> Path:
+    """Where eval set ``name``'s state of the validation at ``step`` lives under a run directory ``root``."""
+    return Path(root) / "arrays" / name / f"step_{step}.npz"
+
+
+def save_state(root: str | os.PathLike, name: str, step: int, state: Mapping[str, Any]) -> None:
+    """Write one eval set's state of one validation (``rank_counts``, ``rank_log_score_sum``, extras) atomically;
+    values may be tensors (on any device) or arrays."""
+    arrays = {key: value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+              for key, value in state.items()}
+    with atomic_open(state_path(root, name, step)) as handle:
+        np.savez(handle, **arrays)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of one state file."""
+    with np.load(path) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def state_files(folder: str | os.PathLike) -> dict[int, Path]:
+    """``{step: path}`` of the ``step_<N>.npz`` files in one eval set's folder (empty if there is none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in folder.iterdir() if (m := _STATE_FILE.fullmatch(p.name))}
+
+
+def saved_steps(root: str | os.PathLike, names: Iterable[str]) -> list[int]:
+    """Steps whose state is saved for every one of ``names`` (a validation killed half-way is not among them)."""
+    steps: set[int] | None = None
+    for name in names:
+        found = set(state_files(Path(root) / "arrays" / name))
+        steps = found if steps is None else steps & found
+    return sorted(steps or ())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_dynamics.files import ResultsError, iter_result_rows
+from ce_dynamics.files import ResultsError, iter_result_rows, state_files
 
 __all__ = [
     "COMPONENTS",
@@ -173,16 +173,13 @@ def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]
     out: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     if folder.is_dir():
         for dataset_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-            for file in dataset_dir.iterdir():
-                match = re.fullmatch(r"step_(\d+)\.npz", file.name)
-                if match is None:
-                    continue
+            for step, file in state_files(dataset_dir).items():
                 with np.load(file) as data:
                     missing = {"rank_counts", "rank_log_score_sum"} - set(data.files)
                     if missing:
                         raise ResultsError(f"{file}: missing array(s) {sorted(missing)}")
                     state = {"rank_counts": data["rank_counts"], "rank_log_score_sum": data["rank_log_score_sum"]}
-                out.setdefault(dataset_dir.name, {})[int(match.group(1))] = state
+                out.setdefault(dataset_dir.name, {})[step] = state
     if not out:
         raise ResultsError(f"no arrays/<dataset>/step_<N>.npz files under {root} (a training run's output_dir holds "
                            f"arrays/; a replay keeps them per model, in output_dir/<model slug>/arrays/)")

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.csv_logger import DurableCSVLogger
-from ce_dynamics.files import atomic_open
+from ce_dynamics.files import load_state, saved_steps, state_path
 from ce_dynamics.functional import KEYS, decomposition_from_state
 from ce_dynamics.wandb_history import logged_steps, run_files
 
@@ -36,33 +36,7 @@ _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionar
 
 
 # ------------------------------------------------------------------------------------------- state files
-
-
-def state_path(root: Path, name: str, step: int) -> Path:
-    return root / "arrays" / name / f"step_{step}.npz"
-
-
-def save_state(root: Path, name: str, step: int, state: Mapping[str, Any]) -> None:
-    """Write one eval set's state of one validation (``rank_counts``, ``rank_log_score_sum``, extras) atomically."""
-    arrays = {key: value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-              for key, value in state.items()}
-    with atomic_open(state_path(root, name, step)) as handle:
-        np.savez(handle, **arrays)
-
-
-def load_state(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def saved_steps(root: Path, names: Iterable[str]) -> list[int]:
-    """Steps whose state is saved for every one of ``names`` (a validation killed half-way is not among them)."""
-    names = list(names)
-    steps: set[int] | None = None
-    for name in names:
-        found = {int(p.stem[5:]) for p in (root / "arrays" / name).glob("step_*.npz") if p.stem[5:].isdigit()}
-        steps = found if steps is None else steps & found
-    return sorted(steps or ())
+# (the files themselves: ce_dynamics.files.state_path / save_state / load_state / saved_steps)
 
 
 def results_of(state: Mapping[str, Any]) -> dict[str, Any]:

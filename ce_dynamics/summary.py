@@ -6,7 +6,6 @@ replay or sweep, the W&B, CSV and checkpoint folders), so it says what is on dis
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ce_dynamics.files import state_files
 from ce_dynamics.functional import decomposition_from_state
 
 _COLUMNS = (("cross_entropy", "CE"), ("error_entropy", "EE"), ("self_alignment", "SA"), ("confidence", "Conf"),
@@ -28,9 +28,9 @@ def last_arrays(arrays_dir: Path) -> dict[str, tuple[int, Path]]:
     if not arrays_dir.is_dir():
         return found
     for folder in sorted(p for p in arrays_dir.iterdir() if p.is_dir()):
-        steps = [(int(m.group(1)), p) for p in folder.glob("step_*.npz") if (m := re.fullmatch(r"step_(\d+)\.npz", p.name))]
+        steps = state_files(folder)
         if steps:
-            found[folder.name] = max(steps)
+            found[folder.name] = max(steps.items())
     return found
 
 

@@ -164,11 +164,10 @@ class CEDecompositionTrainerCallback(TrainerCallback):
         counts, sums = self.evaluator.last_state
         step = int(state.global_step)
         if self.save_arrays:
-            from ce_dynamics.files import atomic_open
+            from ce_dynamics.files import save_state
 
             root = self.output_dir if self.output_dir is not None else Path(args.output_dir)
-            with atomic_open(root / "arrays" / name / f"step_{step}.npz") as handle:
-                np.savez(handle, rank_counts=counts, rank_log_score_sum=sums)
+            save_state(root, name, step, {"rank_counts": counts, "rank_log_score_sum": sums})
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
         if self.log_histograms and "wandb" in report_to:
             self._log_wandb(name, counts, sums, step)
