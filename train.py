@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from ce_dynamics.cli import run_config
+from ce_dynamics.runs.cli import run_config
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run train.py with `argv` (default: the command line); return the exit code (2 for config errors).
-    The same as the installed `ce-dynamics train|replay|sweep` command (ce_dynamics/cli.py)."""
+    The same as the installed `ce-dynamics train|replay|sweep` command (ce_dynamics/runs/cli.py)."""
     return run_config(sys.argv[1:] if argv is None else argv, prog="train.py")
 
 

@@ -39,8 +39,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from ce_dynamics import CEDecompositionCallback
-from ce_dynamics.config import load_config
-from ce_dynamics.training import build_datamodule, build_module, build_tokenizer
+from ce_dynamics.runs.config import load_config
+from ce_dynamics.runs.training import build_datamodule, build_module, build_tokenizer
 
 TARGET = 1.10
 

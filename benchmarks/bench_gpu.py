@@ -141,7 +141,7 @@ def validation_ratio(device: torch.device, sequences: int, batch_size: int, roun
     from lightning.pytorch.loggers import CSVLogger
 
     from ce_dynamics import CEDecompositionCallback
-    from ce_dynamics.module import CausalLMModule
+    from ce_dynamics.runs.module import CausalLMModule
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

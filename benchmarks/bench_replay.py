@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from hub_cache import build_hub_cache
 
-        from ce_dynamics.config import load_config
-        from ce_dynamics.replay import Checkpoint, _ModelWalk
-        from ce_dynamics.training import build_module, build_tokenizer, build_trainer
+        from ce_dynamics.runs.config import load_config
+        from ce_dynamics.runs.replay import Checkpoint, _ModelWalk
+        from ce_dynamics.runs.training import build_module, build_tokenizer, build_trainer
 
         hidden, layers, heads = SHAPES[shape]
         cache = build_hub_cache(f"{tmp}/hub", hub_id=f"bench/{shape}", steps=(0,), hidden_size=hidden,

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["CrossEntropyDecomposition", "CEDecompositionCallback", "__version__"]
 
 if TYPE_CHECKING:
-    from ce_dynamics.callback import CEDecompositionCallback
+    from ce_dynamics.lightning.callback import CEDecompositionCallback
     from ce_dynamics.metric import CrossEntropyDecomposition
 
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return CrossEntropyDecomposition
     if name == "CEDecompositionCallback":
-        from ce_dynamics.callback import CEDecompositionCallback
+        from ce_dynamics.lightning.callback import CEDecompositionCallback
 
         return CEDecompositionCallback
     raise AttributeError(f"module 'ce_dynamics' has no attribute {name!r}")

@@ -20,7 +20,7 @@ EXTRAS = {
 def require(*modules: str) -> None:
     """Check that each of ``modules`` is installed, or raise ImportError: ``pip install 'ce-dynamics[<extra>]'``.
 
-    Called at the top of the modules that need an extra, so ``import ce_dynamics.callback`` without lightning
+    Called at the top of the modules that need an extra, so ``import ce_dynamics.lightning.callback`` without lightning
     says what to install instead of only "No module named 'lightning'".
     """
     for name in modules:

@@ -13,9 +13,9 @@ import torch
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 from numpy_reference import decompose
 
-from ce_dynamics.config import load_config
+from ce_dynamics.runs.config import load_config
 from ce_dynamics.functional import KEYS
-from ce_dynamics.replay import plan, read_results
+from ce_dynamics.runs.replay import plan, read_results
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -89,8 +89,8 @@ TRAIN = ["model.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layer
 
 
 def test_bfloat16_replay_of_a_runs_ckpt_files_matches_a_direct_bfloat16_evaluation(tmp_path: Path) -> None:
-    from ce_dynamics.module import CausalLMModule
-    from ce_dynamics.training import build_datamodule, build_tokenizer
+    from ce_dynamics.runs.module import CausalLMModule
+    from ce_dynamics.runs.training import build_datamodule, build_tokenizer
 
     run = tmp_path / "run"
     assert train.main([f"output_dir={run}", f"data.cache_dir={tmp_path / 'tok_cache'}", *SMALL, *TRAIN,

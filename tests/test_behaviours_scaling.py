@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import closed_form_scaling as cf
-from ce_dynamics import figures, scaling
-from ce_dynamics.scaling import ResultsError, fit_groups, load_arrays, select_final
+from ce_dynamics.analysis import figures, scaling
+from ce_dynamics.analysis.scaling import ResultsError, fit_groups, load_arrays, select_final
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ce_dynamics.module import CausalLMModule
+from ce_dynamics.runs.module import CausalLMModule
 
 LR, MIN_RATIO, WARMUP, MAX_STEPS, DECAY = 0.1, 0.1, 3, 10, 0.05
 
@@ -62,8 +62,8 @@ def test_optimizer_groups_and_the_schedule_in_a_real_fit(tmp_path: Path) -> None
 
 
 def test_a_sweep_rerun_retrains_nothing_and_writes_no_row_twice(tmp_path: Path) -> None:
-    from ce_dynamics.scaling import load_results
-    from ce_dynamics.sweep import run_sweep_rows
+    from ce_dynamics.analysis.scaling import load_results
+    from ce_dynamics.runs.sweep import run_sweep_rows
 
     out = tmp_path / "sweep"
     argv = [f"output_dir={out}", f"data.cache_dir={tmp_path / 'tokenizers'}", "model.vocab_size=320",

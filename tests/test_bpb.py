@@ -1,5 +1,5 @@
 """Bits per byte: token byte counts against the text itself, the conversion against F.cross_entropy, the
-callback's `decomp/<set>/<key>_bpb` in a real train.py validation, and `python -m ce_dynamics.scaling --unit bpb`."""
+callback's `decomp/<set>/<key>_bpb` in a real train.py validation, and `python -m ce_dynamics.analysis.scaling --unit bpb`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ce_dynamics import data
+from ce_dynamics.runs import data
 from ce_dynamics.bpb import BPB_KEYS, bits_per_byte, target_bytes, token_byte_lengths
 from ce_dynamics.functional import cross_entropy_decomposition
 
@@ -97,7 +97,7 @@ def test_validation_logs_bits_per_byte_and_the_pin_hash(tmp_path: Path) -> None:
     """train.py, step-0 validation only: an ASCII file set and a pinned local json set. The bpb logged to CSV
     matches the module's own val/loss (F.cross_entropy) times tokens over the decoded bytes; the W&B run config
     carries the pin's hash."""
-    from ce_dynamics import pinning
+    from ce_dynamics.runs import pinning
 
     notes = tmp_path / "notes.txt"
     notes.write_text("".join(f"Note {i}: the value of item {i} is {i * 7 % 13}.\n" for i in range(200)))
@@ -117,8 +117,8 @@ def test_validation_logs_bits_per_byte_and_the_pin_hash(tmp_path: Path) -> None:
     assert code == 0
     (metrics,) = out.glob("csv/*/metrics.csv")
     row = {k: float(v) for r in csv.DictReader(metrics.open()) for k, v in r.items() if v}  # step 0 only
-    from ce_dynamics.config import load_config
-    from ce_dynamics.training import build_datamodule, build_tokenizer
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.training import build_datamodule, build_tokenizer
 
     cfg = load_config(["experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=300",
                        "data.tokenizer_train_chars=60000", "data.seq_len=24", "data.eval_sequences=6",
@@ -157,7 +157,7 @@ def test_scaling_cli_fits_bits_per_byte(tmp_path: Path, capsys: pytest.CaptureFi
                      "non_embedding_params": size, **nats, **bpb})
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from ce_dynamics import scaling
+    from ce_dynamics.analysis import scaling
 
     assert scaling.main([str(results), "--unit", "bpb", "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out

@@ -169,7 +169,7 @@ def test_scalars_also_reach_the_csv_logger(fitted):
 
 
 def test_step_override_names_fallback_and_each_step_logged_once_per_logger(tmp_path):
-    from ce_dynamics.csv_logger import DurableCSVLogger, read_metrics_csv
+    from ce_dynamics.lightning.csv_logger import DurableCSVLogger, read_metrics_csv
 
     def logged_steps() -> list[int]:
         _, rows = read_metrics_csv(tmp_path / "csv" / "version_0" / "metrics.csv")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ce_dynamics.config import ConfigError, available_experiments, load_config
+from ce_dynamics.runs.config import ConfigError, available_experiments, load_config
 
 # Pythia's GPT-NeoX shapes (EleutherAI/pythia-*/config.json) and learning rates (the Pythia paper, table 6)
 PYTHIA = {
@@ -93,17 +93,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_key_of_default_yaml_has_a_rule():
     from omegaconf import OmegaConf
 
-    from ce_dynamics.config_schema import RULES, flat_items, trainer_arguments
+    from ce_dynamics.runs.config_schema import RULES, flat_items, trainer_arguments
 
     keys = [k for k, _ in flat_items(OmegaConf.load(ROOT / "configs" / "default.yaml")) if k != "data.eval"]
     missing = [k for k in keys if k not in RULES and k.removeprefix("trainer.") not in trainer_arguments()]
-    assert not missing, f"add a rule for {missing} to ce_dynamics/config_schema.RULES"
+    assert not missing, f"add a rule for {missing} to ce_dynamics/runs/config_schema.RULES"
     assert len(keys) > 50
 
 
 def test_sources_are_the_data_modules():
-    from ce_dynamics import data
-    from ce_dynamics.config_schema import SOURCES
+    from ce_dynamics.runs import data
+    from ce_dynamics.runs.config_schema import SOURCES
 
     assert SOURCES == data.SOURCES
 
@@ -114,7 +114,7 @@ def test_trainer_arguments_are_lightning_trainers_signature():
 
     import lightning
 
-    from ce_dynamics.config_schema import trainer_arguments
+    from ce_dynamics.runs.config_schema import trainer_arguments
 
     expected = [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
     assert list(trainer_arguments()) == expected
@@ -168,7 +168,7 @@ def test_values_lightning_accepts_are_accepted(argv):
 
 
 def test_any_trainer_argument_reaches_lightning_trainer(tmp_path):
-    from ce_dynamics.training import build_trainer
+    from ce_dynamics.runs.training import build_trainer
 
     cfg = load_config([f"output_dir={tmp_path}", "trainer.limit_val_batches=4", "trainer.max_epochs=3",
                        "trainer.enable_checkpointing=false", "trainer.accelerator=cpu"])

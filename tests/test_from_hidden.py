@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ce_dynamics import CEDecompositionCallback, CrossEntropyDecomposition
 from ce_dynamics.functional import KEYS, token_ranks_and_log_scores, token_ranks_and_log_scores_from_hidden
-from ce_dynamics.module import CausalLMModule
+from ce_dynamics.runs.module import CausalLMModule
 
 REPO = Path(__file__).resolve().parent.parent
 IGNORE = -100

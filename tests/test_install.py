@@ -86,8 +86,8 @@ metric.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0,
 out = metric.compute()
 print("CE", float(out["cross_entropy"]))
 print("FILE", ce_dynamics.__file__)
-for stmt in ("import ce_dynamics.callback", "from ce_dynamics import CEDecompositionCallback",
-             "import ce_dynamics.integrations.transformers", "import ce_dynamics.training"):
+for stmt in ("import ce_dynamics.lightning.callback", "from ce_dynamics import CEDecompositionCallback",
+             "import ce_dynamics.integrations.transformers", "import ce_dynamics.runs.training"):
     try:
         exec(stmt)
     except ImportError as err:

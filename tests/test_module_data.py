@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from ce_dynamics import data
-from ce_dynamics.module import CausalLMModule, cosine_with_warmup
+from ce_dynamics.runs import data
+from ce_dynamics.runs.module import CausalLMModule, cosine_with_warmup
 
 SHAPE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)

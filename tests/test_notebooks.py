@@ -33,8 +33,8 @@ def _tiny_overrides(tmp: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def dynamics_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real tiny training run (`run_training`), validated at steps 0, 2, 4, 6 on the code and prose sets."""
-    from ce_dynamics.config import load_config
-    from ce_dynamics.training import run_training
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.training import run_training
 
     run = tmp_path_factory.mktemp("dynamics") / "run"
     assert run_training(load_config(_tiny_overrides(run))) == 0
@@ -44,8 +44,8 @@ def dynamics_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def replay_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """results.jsonl of a real replay (`run_replay`) of three tiny hub models of different width, steps 0 and 4."""
-    from ce_dynamics.config import load_config
-    from ce_dynamics.replay import run_replay
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.replay import run_replay
 
     root = tmp_path_factory.mktemp("replay")
     ids = [f"ce-dynamics-test/tiny-neox-h{h}" for h in REPLAY_HIDDEN]
@@ -65,7 +65,7 @@ def replay_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def scaling_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """results.jsonl of a real tiny `tiny_scaling` sweep: three model sizes, final rows per eval set."""
-    from ce_dynamics.sweep import run_sweep_rows
+    from ce_dynamics.runs.sweep import run_sweep_rows
 
     out = tmp_path_factory.mktemp("scaling") / "sweep"
     argv = [a for a in _tiny_overrides(out) if not a.startswith(("model.hidden_size", "model.num_hidden_layers",
@@ -122,7 +122,7 @@ def test_training_dynamics_notebook(dynamics_run: Path) -> None:
 
 
 def test_tiny_scaling_sweep_feeds_the_cli(scaling_results: Path, capsys) -> None:
-    from ce_dynamics import scaling
+    from ce_dynamics.analysis import scaling
 
     rows = scaling.load_results(scaling_results)
     assert len(rows) == 2 * len(SCALING_SIZES)
@@ -139,7 +139,7 @@ def test_scaling_law_notebook(replay_results: Path) -> None:
     """Its tables and exponents are numpy's least-squares fits of log|M| on log N over the replay's last rows."""
     import numpy as np
 
-    from ce_dynamics.scaling import COMPONENTS, load_results
+    from ce_dynamics.analysis.scaling import COMPONENTS, load_results
 
     rows = [r for r in load_results(replay_results) if r["step"] == 4]  # each model's last revision
     assert len(rows) == 2 * len(REPLAY_HIDDEN)

@@ -15,8 +15,8 @@ import torch
 
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 
-from ce_dynamics.config import load_config
-from ce_dynamics.scaling import family_of, non_embedding_params
+from ce_dynamics.runs.config import load_config
+from ce_dynamics.analysis.scaling import family_of, non_embedding_params
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -133,8 +133,8 @@ def test_non_embedding_params_match_table_4_on_the_meta_device(name: str) -> Non
 
 def test_replay_rows_carry_family_bits_per_byte_and_the_pin_hash(tiny_hub: HubCache, tmp_path: Path) -> None:
     """A replay of the hub's `main` revision on a pinned local json set and the built-in prose set."""
-    from ce_dynamics import pinning
-    from ce_dynamics.replay import read_results
+    from ce_dynamics.runs import pinning
+    from ce_dynamics.runs.replay import read_results
 
     local = tmp_path / "docs.jsonl"
     local.write_text("".join(json.dumps({"text": f"Entry {i}. " + "Plain words follow. " * (1 + i % 4)}) + "\n"

@@ -1,4 +1,4 @@
-"""Pinned eval instances (ce_dynamics.pinning): drawn once from a local HF-format dataset (the real `datasets`
+"""Pinned eval instances (ce_dynamics.runs.pinning): drawn once from a local HF-format dataset (the real `datasets`
 json/parquet builders over files in a temp dir), written to data.cache_dir, read back after the source is gone;
 `mode=prepare`; a missing pin offline is refused before any model is loaded."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ce_dynamics import data, pinning
+from ce_dynamics.runs import data, pinning
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -136,7 +136,7 @@ def test_prepare_prints_the_pins_and_the_datamodule_reads_them(tmp_path: Path, t
 
 
 def test_padding_of_short_documents_is_not_scored(tokenizer) -> None:
-    from ce_dynamics.module import CausalLMModule
+    from ce_dynamics.runs.module import CausalLMModule
 
     docs = ["a b", "a much longer document than the other one"]
     ids, mask = data.document_instances(docs, tokenizer, 10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ce_dynamics.config import RUN_ENTRIES, ConfigError, load_config, preflight
+from ce_dynamics.runs.config import RUN_ENTRIES, ConfigError, load_config, preflight
 from test_train_e2e import small
 
 ROOT = Path(__file__).resolve().parent.parent

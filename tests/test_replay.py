@@ -19,7 +19,7 @@ import torch
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 
 from ce_dynamics.functional import KEYS, decomposition_from_state
-from ce_dynamics.replay import RESULT_FIELDS, append_result_row, append_result_rows, model_slug, read_results
+from ce_dynamics.runs.replay import RESULT_FIELDS, append_result_row, append_result_rows, model_slug, read_results
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
@@ -117,8 +117,8 @@ def test_ddp_two_processes_give_the_single_process_rows(walk, tiny_hub: HubCache
 
 def test_rows_match_a_direct_computation(walk, tiny_hub: HubCache) -> None:
     """The step-2 row's cross-entropy equals F.cross_entropy of that revision on the same eval windows."""
-    from ce_dynamics.config import load_config
-    from ce_dynamics.training import build_datamodule, build_module, build_tokenizer
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.training import build_datamodule, build_module, build_tokenizer
 
     code, out = walk
     row = next(r for r in read_results(out / "results.jsonl") if r["step"] == 2 and r["dataset"] == "prose")
@@ -238,8 +238,8 @@ def test_replay_at_pythia_logit_width(tmp_path: Path) -> None:
     # numpy's decomposition of the same revision on the same eval windows (tests/numpy_reference.py)
     from numpy_reference import decompose
 
-    from ce_dynamics.config import load_config
-    from ce_dynamics.training import build_datamodule, build_module, build_tokenizer
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.training import build_datamodule, build_module, build_tokenizer
 
     cfg = load_config(["mode=replay", *SMALL, "data.eval_sets=[code]"])
     with offline_hub(hub.root):

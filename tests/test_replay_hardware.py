@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 
-from ce_dynamics.config import load_config
+from ce_dynamics.runs.config import load_config
 from ce_dynamics.files import read_results
-from ce_dynamics.replay import command_line_keys, fit_hardware
+from ce_dynamics.runs.replay import command_line_keys, fit_hardware
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")

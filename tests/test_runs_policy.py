@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ce_dynamics import CEDecompositionCallback
-from ce_dynamics.csv_logger import DurableCSVLogger, read_metrics_csv
+from ce_dynamics.lightning.csv_logger import DurableCSVLogger, read_metrics_csv
 from test_callback import NAMES, VAL, V, BigramLM, _tokens, _val_loaders
 from test_crash_resume import config, finish, launch
 from test_notebooks import _tiny_overrides
@@ -145,7 +145,7 @@ def test_a_diverging_train_py_run_exits_0_with_every_validation_logged(tmp_path)
 
 def test_sweep_evaluates_final_models_and_a_rerun_reuses_them(tmp_path):
     from ce_dynamics.files import read_results
-    from ce_dynamics.sweep import run_sweep_rows
+    from ce_dynamics.runs.sweep import run_sweep_rows
 
     out = tmp_path / "sweep"
     argv = [a for a in _tiny_overrides(out) if not a.startswith(("model.hidden_size", "model.num_hidden_layers",

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ce_dynamics import scaling
-from ce_dynamics.scaling import (
+from ce_dynamics.analysis import scaling
+from ce_dynamics.analysis.scaling import (
     PowerLawFit,
     ResultsError,
     component_shares,
@@ -258,7 +258,7 @@ def test_cli_prints_tables_and_writes_figures(tmp_path: Path) -> None:
 
     results = _write(tmp_path / "results.jsonl", cf.history())
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.scaling", str(results)],
+    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis.scaling", str(results)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -303,7 +303,7 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path: Path, case: str, capsys)
 
 def test_cli_bad_input_through_python_m(tmp_path: Path) -> None:
     path, message = _bad_results(tmp_path)["missing"]
-    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.scaling", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis.scaling", str(path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

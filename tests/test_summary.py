@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ce_dynamics.progress import CompactModelSummary, StepProgressBar, console_callbacks
-from ce_dynamics.summary import summary_text
+from ce_dynamics.lightning.progress import CompactModelSummary, StepProgressBar, console_callbacks
+from ce_dynamics.runs.summary import summary_text
 
 
 def _state(seed: int, vocab: int = 50) -> tuple[np.ndarray, np.ndarray]:

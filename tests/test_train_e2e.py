@@ -109,8 +109,8 @@ def test_ddp_two_processes_log_the_same_decomposition_as_one(run, tmp_path):
 
 
 def test_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatch):
-    from ce_dynamics.config import load_config
-    from ce_dynamics.training import build_loggers
+    from ce_dynamics.runs.config import load_config
+    from ce_dynamics.runs.training import build_loggers
 
     for var in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
@@ -131,7 +131,7 @@ def test_online_without_api_key_falls_back_to_offline(tmp_path, monkeypatch):
 
 
 def test_wandb_run_ids_are_stable_per_run_name(tmp_path):
-    from ce_dynamics.training import _wandb_run_id
+    from ce_dynamics.runs.training import _wandb_run_id
 
     first = _wandb_run_id(tmp_path, "tiny")
     assert _wandb_run_id(tmp_path, "tiny") == first  # a resumed run continues the same charts

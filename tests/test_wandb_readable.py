@@ -36,7 +36,7 @@ def test_histogram_edges_are_log10_rank_plus_one_with_rank_zero_first(vocab):
 def test_state_artifact_holds_each_datasets_npz(tmp_path, monkeypatch):
     import wandb
 
-    from ce_dynamics.wandb_artifacts import ARTIFACT_TYPE, log_state_artifact
+    from ce_dynamics.lightning.wandb_artifacts import ARTIFACT_TYPE, log_state_artifact
 
     rng = np.random.default_rng(0)
     states = {name: (torch.from_numpy(rng.integers(0, 9, 11)), torch.from_numpy(-rng.uniform(0, 5, 11)))

@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ce_dynamics.files import atomic_path
-from ce_dynamics.scaling import (
+from ce_dynamics.analysis.scaling import (
     ALL_GROUP,
     COMPONENTS,
     SHORT_NAMES,
@@ -162,7 +162,7 @@ def plot_scaling_law(
 def plot_component_shares(rows: Sequence[Mapping], convention: str = "absolute") -> Figure:
     """Fig. 8: each component's share (in %) against model size, one panel per dataset.
 
-    Shares are :func:`ce_dynamics.scaling.component_shares`: by default ``|M| / (|EE| + |SA| + |Conf|)``
+    Shares are :func:`ce_dynamics.analysis.scaling.component_shares`: by default ``|M| / (|EE| + |SA| + |Conf|)``
     (they sum to 100%, as the paper's figure reads); ``convention="signed"``: ``M / CE``, which satisfy
     EE% + SA% - Conf% = 100%.
     """

@@ -4,7 +4,7 @@ For every metric M in {CE, EE, SA, Conf} and a set of models, fit ``log|M| = c_M
 (paper eq. 9, N = non-embedding parameters) and report the goodness of fit R^2 (Table 1) and the exponent
 gap ``|Delta_M| = |alpha_M - alpha_CE|`` (Table 2), per model family and dataset.
 
-Command line: ``python -m ce_dynamics.scaling results.jsonl [--out DIR]`` prints both tables and writes the
+Command line: ``python -m ce_dynamics.analysis.scaling results.jsonl [--out DIR]`` prints both tables and writes the
 scaling figures (paper figs. 7 and 8) as PNG next to the results.
 """
 
@@ -443,7 +443,7 @@ def in_unit(rows: Iterable[Mapping], unit: str) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print Tables 1-2 for a results file and write figs. 7-8 as PNG; exit 2 on bad input."""
     parser = argparse.ArgumentParser(
-        prog="python -m ce_dynamics.scaling",
+        prog="python -m ce_dynamics.analysis.scaling",
         description="Power-law fits of cross-entropy and its components against non-embedding parameters.",
     )
     parser.add_argument("results", type=Path, help="results.jsonl (one row per model, revision, dataset)")
@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n'*' marks the best value per family and dataset (highest R^2, smallest |Delta|).")
     print(f"Components in {UNITS[args.unit]}.")
     if not args.no_figures:
-        from ce_dynamics import figures
+        from ce_dynamics.analysis import figures
 
         out = args.out if args.out is not None else args.results.parent
         paths = figures.save_scaling_figures(rows, fits, out, unit=args.unit)

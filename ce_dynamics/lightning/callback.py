@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ce_dynamics import sinks
+from ce_dynamics.lightning import sinks
 from ce_dynamics.files import save_state
 from ce_dynamics.functional import KEYS, in_callers_inference_mode
 from ce_dynamics.metric import CrossEntropyDecomposition
@@ -37,7 +37,7 @@ from ce_dynamics.metric import CrossEntropyDecomposition
 class CEDecompositionCallback(Callback):
     """One `CrossEntropyDecomposition` per validation dataloader; at the end of each validation saves the raw
     state to `output_dir/arrays/<dataset>/step_<N>.npz`, then logs `decomp/<dataset>/<key>` to every logger (plus
-    p_e/q_e histograms and a p_e-vs-q_e image to W&B), once per step (see `ce_dynamics.sinks`).
+    p_e/q_e histograms and a p_e-vs-q_e image to W&B), once per step (see `ce_dynamics.lightning.sinks`).
 
     It never stops a `fit`: non-finite logits are counted (`decomp/<dataset>/nonfinite_tokens`, one warning per
     validation) and left out of the decomposition; any other error of the callback during `fit` becomes a warning
@@ -174,7 +174,7 @@ class CEDecompositionCallback(Callback):
                 "_media": sinks.WandbMedia(self.max_buckets)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # what was logged is read back from the sinks themselves (see ce_dynamics.sinks)
+        return {}  # what was logged is read back from the sinks themselves (see ce_dynamics.lightning.sinks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # checkpoints of earlier versions carry `last_logged_step`, no longer needed
@@ -380,8 +380,8 @@ class CEDecompositionCallback(Callback):
 
     def _log_state_artifact(self, logger: WandbLogger, states: Mapping[str, Mapping[str, torch.Tensor]],
                             step: int) -> None:
-        """The validation's npz state as a version of the run's W&B Artifact (ce_dynamics/wandb_artifacts.py)."""
-        from ce_dynamics.wandb_artifacts import log_state_artifact
+        """The validation's npz state as a version of the run's W&B Artifact (ce_dynamics/lightning/wandb_artifacts.py)."""
+        from ce_dynamics.lightning.wandb_artifacts import log_state_artifact
 
         log_state_artifact(logger.experiment, {name: (state["rank_counts"], state["rank_log_score_sum"])
                                                for name, state in states.items()}, step)

@@ -5,7 +5,7 @@ A validation is recorded as one row per logger at one step: ``decomp/<set>/<key>
 and, when ``validation_step`` returned a loss, ``val/loss/<set>``), and on W&B
 the p_e/q_e histograms and image. The state behind the row is written first, atomically, to
 ``arrays/<set>/step_<N>.npz``. Loggers that can be read back (W&B, from its transaction logs; the
-:class:`~ce_dynamics.csv_logger.DurableCSVLogger`) keep a ledger of the steps they durably hold: a row is never
+:class:`~ce_dynamics.lightning.csv_logger.DurableCSVLogger`) keep a ledger of the steps they durably hold: a row is never
 logged to a logger that already holds its step, and on (re)start every saved step a logger lacks is logged to it
 from the ``.npz`` files (:func:`backfill`). Whatever kills the process, each sink ends with each step once.
 """
@@ -26,10 +26,10 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from ce_dynamics.bpb import bits_per_byte
-from ce_dynamics.csv_logger import DurableCSVLogger
+from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.files import load_state, saved_steps, state_path
 from ce_dynamics.functional import KEYS, decomposition_from_state
-from ce_dynamics.wandb_history import logged_steps, run_files
+from ce_dynamics.lightning.wandb_history import logged_steps, run_files
 
 ROW_PREFIX = "decomp/"
 _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionary()

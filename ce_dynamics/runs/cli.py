@@ -7,7 +7,7 @@
     ce-dynamics experiments                # the experiment names (configs shipped with the package)
 
 Configs: `default.yaml` <- `experiment/<name>.yaml` <- the command line's `key=value`, read from
-`ce_dynamics.config.CONFIG_DIR` (the package's own copy after `pip install`, the repository's `configs/` in a
+`ce_dynamics.runs.config.CONFIG_DIR` (the package's own copy after `pip install`, the repository's `configs/` in a
 checkout).
 """
 
@@ -39,7 +39,7 @@ def _usage() -> str:
     from ce_dynamics._extras import require
 
     require("omegaconf")
-    from ce_dynamics.config import CONFIG_DIR, available_experiments
+    from ce_dynamics.runs.config import CONFIG_DIR, available_experiments
 
     return USAGE.format(config_dir=CONFIG_DIR, experiments=", ".join(available_experiments()))
 
@@ -50,7 +50,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     from ce_dynamics._extras import require
 
     require("omegaconf")
-    from ce_dynamics.config import ConfigError, load_config, preflight
+    from ce_dynamics.runs.config import ConfigError, load_config, preflight
 
     argv = list(argv)
     try:  # a config error (bad key or value, missing ckpt_path, unwritable output_dir, a fresh run into a
@@ -61,7 +61,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
-    from ce_dynamics.summary import print_summary
+    from ce_dynamics.runs.summary import print_summary
 
     print_summary(cfg, argv, exit_code=code)
     return code
@@ -69,21 +69,21 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
 
 def _dispatch(cfg: Any, argv: list[str]) -> int:
     """Run the mode `cfg.mode` names."""
-    from ce_dynamics.pinning import record_pins, run_prepare
+    from ce_dynamics.runs.pinning import record_pins, run_prepare
 
     if cfg.mode == "prepare":
         return run_prepare(cfg)
     if (code := record_pins(cfg)) is not None:  # a missing eval pin offline fails here, before any model loads
         return code
     if cfg.mode == "replay":
-        from ce_dynamics.replay import run_replay
+        from ce_dynamics.runs.replay import run_replay
 
         return run_replay(cfg, command_line=argv)
     if cfg.mode == "sweep":
-        from ce_dynamics.sweep import run_sweep
+        from ce_dynamics.runs.sweep import run_sweep
 
         return run_sweep(argv)
-    from ce_dynamics.training import run_training
+    from ce_dynamics.runs.training import run_training
 
     return run_training(cfg)
 
@@ -105,11 +105,11 @@ def _main(args: list[str]) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "scaling":
-        from ce_dynamics.scaling import main as scaling_main
+        from ce_dynamics.analysis.scaling import main as scaling_main
 
         return scaling_main(rest)
     if command == "experiments":
-        from ce_dynamics.config import available_experiments
+        from ce_dynamics.runs.config import available_experiments
 
         print("\n".join(available_experiments()))
         return 0

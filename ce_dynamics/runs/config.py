@@ -17,7 +17,7 @@ require("omegaconf")
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ce_dynamics.config_schema import ConfigError, check_types, flat_items
+from ce_dynamics.runs.config_schema import ConfigError, check_types, flat_items
 
 __all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
 
@@ -25,9 +25,9 @@ __all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", 
 def _config_dir() -> Path:
     """`ce_dynamics/configs` of an installed package (pyproject maps the repo's configs/ there), else the
     source checkout's top-level `configs/` (a checkout or an editable install)."""
-    here = Path(__file__).resolve().parent
-    installed = here / "configs"
-    return installed if (installed / "default.yaml").is_file() else here.parent / "configs"
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "configs"
+    return installed if (installed / "default.yaml").is_file() else package.parent / "configs"
 
 
 CONFIG_DIR = _config_dir()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 MODES = ("train", "replay", "sweep", "prepare")
-SOURCES = ("stdlib", "pydoc_topics", "file", "hf")  # == ce_dynamics.data.SOURCES (tests keep them equal)
+SOURCES = ("stdlib", "pydoc_topics", "file", "hf")  # == ce_dynamics.runs.data.SOURCES (tests keep them equal)
 # Trainer arguments train.py passes itself; a config value for them would clash.
 TRAINER_SET_BY_TRAIN_PY = {
     "callbacks": "train.py adds its own callbacks",
@@ -167,7 +167,7 @@ RULES: dict[str, Rule] = {
     "replay.keep_weights": BOOL,
 }
 
-# Fields of a data.eval catalog entry that ce_dynamics.data reads; other fields pass unchecked (the catalog is open).
+# Fields of a data.eval catalog entry that ce_dynamics.runs.data reads; other fields pass unchecked (the catalog is open).
 CATALOG_FIELDS: dict[str, Rule] = {
     "source": one_of(*SOURCES),
     "path": STR | NULL,

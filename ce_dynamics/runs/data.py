@@ -7,7 +7,7 @@ Further sources: local text/jsonl files (`file`) and Hugging Face `datasets` (`h
 Instances: documents are shuffled with seed 42, tokenized in that order, joined with the EOS token and cut
 into consecutive windows of `seq_len` tokens; an eval set keeps the first `eval_sequences` windows.
 Eval sets from `datasets` follow the paper's appendix A instead: the first `eval_sequences` documents of the
-seed-42 shuffle, pinned to disk once (`ce_dynamics.pinning`), one instance per document (its first `seq_len`
+seed-42 shuffle, pinned to disk once (`ce_dynamics.runs.pinning`), one instance per document (its first `seq_len`
 tokens; a shorter document is padded and its padding is not scored).
 """
 
@@ -247,7 +247,7 @@ class ResumableRandomSampler(Sampler[int]):
 class CEDataModule(L.LightningDataModule):
     """Training windows plus one validation dataloader per named eval set (`eval_names`, same order).
 
-    With `cache_dir`, eval sets from `datasets` are pinned there (see `ce_dynamics.pinning`). After `setup`:
+    With `cache_dir`, eval sets from `datasets` are pinned there (see `ce_dynamics.runs.pinning`). After `setup`:
     `eval_bytes[name]` is the number of UTF-8 bytes of the text the evaluated target tokens decode to (for
     bits per byte), `eval_hashes[name]` the pin's content hash (None for built-in and file sources).
     """
@@ -285,7 +285,7 @@ class CEDataModule(L.LightningDataModule):
                 raise ValueError(f"training corpus has fewer than seq_len={self.seq_len} tokens")
 
     def _eval_set(self, name: str, spec: Mapping[str, Any]) -> TokenWindows:
-        from ce_dynamics.pinning import is_pinned_source, pinned_documents
+        from ce_dynamics.runs.pinning import is_pinned_source, pinned_documents
 
         if self.cache_dir is not None and is_pinned_source(spec):
             pin = pinned_documents(spec, EVAL_SEED, self.eval_sequences, self.cache_dir, name=name)

@@ -192,7 +192,7 @@ def ensure_pins(cfg: Any) -> dict[str, Pin]:
     a missing pin offline fails before any model is loaded. Keyed by eval set name."""
     from omegaconf import OmegaConf
 
-    from ce_dynamics.data import EVAL_SEED
+    from ce_dynamics.runs.data import EVAL_SEED
 
     pins = {}
     for name in cfg.data.eval_sets:

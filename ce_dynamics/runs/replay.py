@@ -12,7 +12,7 @@ revision, cache location, reason); the walk goes on and the exit code is 1 at th
 
 `replay.revisions=all` walks every `stepN` branch (offline: the refs the cache holds) in step order. Each row
 records the `commit` its revision resolved to; two revisions with identical weights get a warning naming both
-(ce_dynamics/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
+(ce_dynamics/runs/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
 The trainer's accelerator/devices/strategy/num_nodes not given on the command line are fitted to this
 machine (:func:`fit_hardware`), and a setting it cannot run is refused before the walk.
 """
@@ -109,7 +109,7 @@ def plan(cfg: DictConfig) -> list[Checkpoint]:
     if isinstance(cfg.replay.revisions, str):
         if cfg.replay.revisions != "all":
             raise ValueError(f"replay.revisions must be a list of training steps or 'all', got {cfg.replay.revisions!r}")
-        from ce_dynamics.revisions import step_revisions
+        from ce_dynamics.runs.revisions import step_revisions
 
         return [Checkpoint(str(m), rev, step) for m in models for rev, step in step_revisions(str(m))]
     revisions = _hub_revisions(cfg.replay.revisions)
@@ -145,8 +145,8 @@ def _load(cfg: DictConfig, ckpt: Checkpoint) -> tuple[Any, Any]:
     """(tokenizer, CausalLMModule in `replay.dtype`) for one checkpoint."""
     import torch
 
-    from ce_dynamics.module import DTYPES, CausalLMModule
-    from ce_dynamics.training import build_module, build_tokenizer
+    from ce_dynamics.runs.module import DTYPES, CausalLMModule
+    from ce_dynamics.runs.training import build_module, build_tokenizer
 
     if ckpt.path is None:
         tokenizer = build_tokenizer(cfg, hub_id=ckpt.model, revision=ckpt.revision)
@@ -196,7 +196,7 @@ class _ModelWalk:
     """The loggers, callback and eval data shared by the revisions of one model (one W&B run)."""
 
     def __init__(self, cfg: DictConfig, model: str) -> None:
-        from ce_dynamics.training import build_loggers
+        from ce_dynamics.runs.training import build_loggers
 
         self.cfg = copy.deepcopy(cfg)
         self.cfg.output_dir = str(Path(cfg.output_dir) / model_slug(model))
@@ -210,7 +210,7 @@ class _ModelWalk:
 
     def datamodule(self, tokenizer: Any, names: list[str]) -> Any:
         """The eval data for `names`, tokenized by `tokenizer`; reused while the tokenizer is the same."""
-        from ce_dynamics.training import build_datamodule
+        from ce_dynamics.runs.training import build_datamodule
 
         key = f"{_tokenizer_key(tokenizer)}|{names}"
         if self._datamodule is None or self._datamodule[0] != key:
@@ -222,10 +222,10 @@ class _ModelWalk:
     def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str],
                  commit: str | None = None) -> list[dict[str, Any]]:
         """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
-        from ce_dynamics.callback import CEDecompositionCallback
+        from ce_dynamics.lightning.callback import CEDecompositionCallback
         from ce_dynamics.bpb import BPB_KEYS
-        from ce_dynamics.scaling import family_of, non_embedding_params
-        from ce_dynamics.training import build_trainer
+        from ce_dynamics.analysis.scaling import family_of, non_embedding_params
+        from ce_dynamics.runs.training import build_trainer
 
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
         callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
@@ -248,7 +248,7 @@ class _ModelWalk:
 
     def backfill(self, names: list[str]) -> list[int]:
         """Log the saved steps of this model that a logger lacks (a walk killed before W&B or the CSV got them)."""
-        from ce_dynamics import sinks
+        from ce_dynamics.lightning import sinks
 
         return sinks.backfill(self.loggers, Path(self.cfg.output_dir), names, sinks.WandbMedia())
 
@@ -388,10 +388,10 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
 
 def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
     """Whether a saved step of `model` is missing from its CSV log or W&B run (read from disk, no W&B start)."""
-    from ce_dynamics import sinks
-    from ce_dynamics.csv_logger import DurableCSVLogger
-    from ce_dynamics.training import _wandb_run_id
-    from ce_dynamics.wandb_history import logged_steps, run_files
+    from ce_dynamics.lightning import sinks
+    from ce_dynamics.lightning.csv_logger import DurableCSVLogger
+    from ce_dynamics.runs.training import _wandb_run_id
+    from ce_dynamics.lightning.wandb_history import logged_steps, run_files
 
     root = Path(cfg.output_dir) / model_slug(model)
     saved = set(sinks.saved_steps(root, names))
@@ -410,7 +410,7 @@ def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str
     earlier revision's of the same model (pythia issue #205: some branches hold the same weights)."""
     import warnings
 
-    from ce_dynamics.revisions import resolved_commit, weights_digest
+    from ce_dynamics.runs.revisions import resolved_commit, weights_digest
 
     digest = weights_digest(module.model)
     first = digests.setdefault((ckpt.model, digest), ckpt.revision)
@@ -424,7 +424,7 @@ def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str
 
 def _delete_weights(ckpt: Checkpoint, commit: str) -> None:
     """replay.keep_weights=false: free the evaluated revision's downloaded files."""
-    from ce_dynamics.revisions import delete_revision_files
+    from ce_dynamics.runs.revisions import delete_revision_files
 
     try:
         freed = delete_revision_files(ckpt.model, commit)

@@ -2,10 +2,10 @@
 
     python train.py experiment=tiny_scaling                        # 5 tiny GPT-NeoX sizes on CPU
     python train.py experiment=tiny_scaling trainer.max_steps=400  # any override applies to every member
-    python -m ce_dynamics.scaling outputs/tiny_scaling/sweep/results.jsonl
+    python -m ce_dynamics.analysis.scaling outputs/tiny_scaling/sweep/results.jsonl
 
 Every member uses the experiment's config (same tokenizer, data, token budget and schedule) with its own
-(hidden_size, num_hidden_layers) from `sweep.sizes`, is trained by `ce_dynamics.training.run_training` into
+(hidden_size, num_hidden_layers) from `sweep.sizes`, is trained by `ce_dynamics.runs.training.run_training` into
 `output_dir/<member>/`, and its final validation state (`arrays/<dataset>/step_<max_steps>.npz`; training always
 evaluates its final model, whatever `trainer.val_check_interval`) becomes one row per dataset of
 `output_dir/results.jsonl`. A rerun resumes (see `run_sweep_rows`): finished members are reused, a killed one
@@ -35,7 +35,7 @@ def member_name(hidden: int, layers: int) -> str:
 
 def member_config(argv: Sequence[str], hidden: int, layers: int) -> DictConfig:
     """The sweep's config (the user's arguments) with this member's shape and output folder, in mode=train."""
-    from ce_dynamics.config import load_config
+    from ce_dynamics.runs.config import load_config
 
     base = load_config(["experiment=tiny_scaling", *argv])
     heads = 4 if hidden % 4 == 0 else 2
@@ -50,9 +50,9 @@ def count_non_embedding(cfg: DictConfig) -> int:
     """Non-embedding parameters of the member's architecture (built on the meta device, no memory)."""
     import torch
 
-    from ce_dynamics.module import build_gpt_neox
-    from ce_dynamics.scaling import non_embedding_params
-    from ce_dynamics.training import model_shape
+    from ce_dynamics.runs.module import build_gpt_neox
+    from ce_dynamics.analysis.scaling import non_embedding_params
+    from ce_dynamics.runs.training import model_shape
 
     with torch.device("meta"):
         return non_embedding_params(build_gpt_neox(model_shape(cfg)))
@@ -60,7 +60,7 @@ def count_non_embedding(cfg: DictConfig) -> int:
 
 def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
     """Rows (one per eval set) from the member's saved state at its last step, via the core's math."""
-    from ce_dynamics.scaling import decompose_arrays, load_arrays
+    from ce_dynamics.analysis.scaling import decompose_arrays, load_arrays
 
     numbers = decompose_arrays(load_arrays(cfg.output_dir))
     rows = []
@@ -86,10 +86,10 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
     Like a replay, a rerun resumes: members with final arrays are not retrained and rows already in the
     results file are not written again.
     """
-    from ce_dynamics.config import load_config
+    from ce_dynamics.runs.config import load_config
     from ce_dynamics.files import append_result_rows, done_keys
-    from ce_dynamics.sinks import saved_steps
-    from ce_dynamics.training import run_training
+    from ce_dynamics.lightning.sinks import saved_steps
+    from ce_dynamics.runs.training import run_training
 
     base = load_config(["experiment=tiny_scaling", *argv])
     path = Path(base.output_dir) / "results.jsonl"
@@ -110,7 +110,7 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
 
 def run_sweep(argv: Sequence[str]) -> int:
     """Train the family, then print the scaling tables and write the figures next to the results (train.py)."""
-    from ce_dynamics import scaling
+    from ce_dynamics.analysis import scaling
 
     path = run_sweep_rows(argv)
     print(f"wrote {path}")

@@ -20,13 +20,13 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ce_dynamics import sinks
-from ce_dynamics.callback import CEDecompositionCallback
-from ce_dynamics.csv_logger import DurableCSVLogger
-from ce_dynamics.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
+from ce_dynamics.lightning import sinks
+from ce_dynamics.lightning.callback import CEDecompositionCallback
+from ce_dynamics.lightning.csv_logger import DurableCSVLogger
+from ce_dynamics.runs.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
 from ce_dynamics.files import atomic_open
-from ce_dynamics.module import CausalLMModule
-from ce_dynamics.progress import console_callbacks
+from ce_dynamics.runs.module import CausalLMModule
+from ce_dynamics.lightning.progress import console_callbacks
 
 log = logging.getLogger(__name__)
 
