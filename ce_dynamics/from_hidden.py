@@ -6,13 +6,15 @@ block of ``rows x V`` logits exists at a time (per worker thread): the ``N x V``
 model are never built. Each block's target logit is read from that same block, so a rank is always counted
 against the value the comparison sees (no flips on near-ties from two differently rounded products).
 
-This module imports only torch (and the package's own functional helpers).
+This module imports only torch (and the row scoring it shares with ``functional``, in ``_rows``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ce_dynamics._rows import _position, _run_in_threads, _score_rows
 
 # Logits per block: the matmul gets enough rows (~80 at V = 50k) to run at full speed, while the block and its
 # work buffer stay 32 MiB (fp32, CPU) per worker; on an accelerator, large blocks amortise kernel launches.
@@ -75,8 +77,6 @@ def token_ranks_and_log_scores_from_hidden(hidden: Tensor, weight: Tensor, targe
         TypeError / ValueError: wrong dtypes, shapes or devices, a target outside ``[0, V)`` that is not
             ``ignore_index``, or a non-finite log-score at a non-ignored position.
     """
-    from ce_dynamics.functional import _position, _run_in_threads, _score_rows
-
     _check_hidden_inputs(hidden, weight, target, bias)
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"Expected `block_rows` to be None or a positive int, got {block_rows!r}.")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import closed_form_scaling as cf
-from ce_dynamics.analysis import figures, scaling
+from ce_dynamics.analysis import figures, report, scaling
 from ce_dynamics.analysis.scaling import ResultsError, fit_groups, load_arrays, select_final
 
 
@@ -37,7 +37,7 @@ def _no_star(cells: dict[str, str]) -> dict[str, str]:
 
 def test_cli_tables_are_the_closed_form_fits_and_step_picks_the_rows(tmp_path: Path, capsys) -> None:
     results = _write(tmp_path / "results.jsonl", cf.history())
-    assert scaling.main([str(results), "--no-figures"]) == 0
+    assert report.main([str(results), "--no-figures"]) == 0
     out = capsys.readouterr().out
     r2 = cf.table_cells(out, "R^2")
     # R^2: three components tie at 1 up to rounding, so only say that EE (0.75) is not the best
@@ -46,7 +46,7 @@ def test_cli_tables_are_the_closed_form_fits_and_step_picks_the_rows(tmp_path: P
     assert cf.table_cells(out, "|Delta|") == cf.cells(cf.DELTA, best="Conf")
     assert not list(tmp_path.glob("*.png"))  # --no-figures
 
-    assert scaling.main([str(results), "--no-figures", "--step", "50"]) == 0
+    assert report.main([str(results), "--no-figures", "--step", "50"]) == 0
     assert cf.table_cells(capsys.readouterr().out, "|Delta|") == cf.cells(cf.DELTA_STEP_50, best="Conf")
 
 
@@ -57,7 +57,7 @@ def test_cli_tables_are_the_closed_form_fits_and_step_picks_the_rows(tmp_path: P
 ])
 def test_cli_min_models_and_a_missing_step_exit_2_with_a_message(tmp_path: Path, capsys, args, message) -> None:
     results = _write(tmp_path / "results.jsonl", cf.history())
-    assert scaling.main([str(results), "--no-figures", *args]) == 2
+    assert report.main([str(results), "--no-figures", *args]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
 
@@ -65,7 +65,7 @@ def test_cli_min_models_and_a_missing_step_exit_2_with_a_message(tmp_path: Path,
 def test_cli_min_models_2_fits_a_two_model_family(tmp_path: Path, capsys) -> None:
     # two models: the line through both points is exact, R^2 = 1 for every component, EE's slope is 0 (log 2, log 2)
     results = _write(tmp_path / "results.jsonl", cf.rows()[:2])
-    assert scaling.main([str(results), "--no-figures", "--min-models", "2"]) == 0
+    assert report.main([str(results), "--no-figures", "--min-models", "2"]) == 0
     delta = cf.table_cells(capsys.readouterr().out, "|Delta|")
     assert _no_star(delta) == {"EE": "0.1000", "SA": "0.4000", "Conf": "0.0500"}
 
@@ -75,7 +75,7 @@ def test_cli_out_puts_the_figures_there(tmp_path: Path, capsys) -> None:
 
     results = _write(tmp_path / "results.jsonl", cf.history())
     out = tmp_path / "figs"
-    assert scaling.main([str(results), "--out", str(out)]) == 0
+    assert report.main([str(results), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == ["component_shares.png", "scaling_law.png"]

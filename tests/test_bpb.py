@@ -1,5 +1,5 @@
 """Bits per byte: token byte counts against the text itself, the conversion against F.cross_entropy, the
-callback's `decomp/<set>/<key>_bpb` in a real train.py validation, and `python -m ce_dynamics.analysis.scaling --unit bpb`."""
+callback's `decomp/<set>/<key>_bpb` in a real train.py validation, and `python -m ce_dynamics.analysis --unit bpb`."""
 
 from __future__ import annotations
 
@@ -157,17 +157,17 @@ def test_scaling_cli_fits_bits_per_byte(tmp_path: Path, capsys: pytest.CaptureFi
                      "non_embedding_params": size, **nats, **bpb})
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from ce_dynamics.analysis import scaling
+    from ce_dynamics.analysis import report
 
-    assert scaling.main([str(results), "--unit", "bpb", "--out", str(tmp_path / "figs")]) == 0
+    assert report.main([str(results), "--unit", "bpb", "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     delta_at = next(i for i, line in enumerate(lines) if line.startswith("|Delta|"))
     assert lines[delta_at + 2].split() == ["toy", "0.0200*", "0.1500", "0.2000"]  # |alpha_M - alpha_CE|
     assert "bits per UTF-8 byte" in printed and (tmp_path / "figs" / "scaling_law_bpb.png").exists()
-    assert scaling.main([str(results), "--no-figures"]) == 0  # in nats the rows are flat: CE and EE fit alpha 0
+    assert report.main([str(results), "--no-figures"]) == 0  # in nats the rows are flat: CE and EE fit alpha 0
     assert capsys.readouterr().out.splitlines()[delta_at + 2].split()[0:2] == ["toy", "0.0000*"]
     del rows[0]["error_entropy_bpb"]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert scaling.main([str(results), "--unit", "bpb", "--no-figures"]) == 2
+    assert report.main([str(results), "--unit", "bpb", "--no-figures"]) == 2
     assert "m1e+06 on wiki has no error_entropy_bpb" in capsys.readouterr().err

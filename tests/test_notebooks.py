@@ -122,7 +122,7 @@ def test_training_dynamics_notebook(dynamics_run: Path) -> None:
 
 
 def test_tiny_scaling_sweep_feeds_the_cli(scaling_results: Path, capsys) -> None:
-    from ce_dynamics.analysis import scaling
+    from ce_dynamics.analysis import report, scaling
 
     rows = scaling.load_results(scaling_results)
     assert len(rows) == 2 * len(SCALING_SIZES)
@@ -131,7 +131,7 @@ def test_tiny_scaling_sweep_feeds_the_cli(scaling_results: Path, capsys) -> None
     assert sizes == sorted(set(sizes))
     for r in rows:
         assert r["cross_entropy"] == pytest.approx(r["error_entropy"] + r["self_alignment"] - r["confidence"], abs=1e-9)
-    assert scaling.main([str(scaling_results), "--no-figures"]) == 0
+    assert report.main([str(scaling_results), "--no-figures"]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[0] == "tiny-neox"
 
 

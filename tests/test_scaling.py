@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ce_dynamics.analysis import scaling
+from ce_dynamics.analysis import report, scaling
 from ce_dynamics.analysis.scaling import (
     PowerLawFit,
     ResultsError,
@@ -258,7 +258,7 @@ def test_cli_prints_tables_and_writes_figures(tmp_path: Path) -> None:
 
     results = _write(tmp_path / "results.jsonl", cf.history())
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis.scaling", str(results)],
+    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis", str(results)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -295,7 +295,7 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path: Path, case: str, capsys)
     path, message = _bad_results(tmp_path)[case]
     if case == "not_json":
         path.write_text(path.read_text() + "oops, not json\n")
-    assert scaling.main([str(path), "--no-figures"]) == 2
+    assert report.main([str(path), "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err
@@ -303,7 +303,7 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path: Path, case: str, capsys)
 
 def test_cli_bad_input_through_python_m(tmp_path: Path) -> None:
     path, message = _bad_results(tmp_path)["missing"]
-    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis.scaling", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "ce_dynamics.analysis", str(path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

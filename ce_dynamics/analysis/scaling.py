@@ -4,16 +4,14 @@ For every metric M in {CE, EE, SA, Conf} and a set of models, fit ``log|M| = c_M
 (paper eq. 9, N = non-embedding parameters) and report the goodness of fit R^2 (Table 1) and the exponent
 gap ``|Delta_M| = |alpha_M - alpha_CE|`` (Table 2), per model family and dataset.
 
-Command line: ``python -m ce_dynamics.analysis.scaling results.jsonl [--out DIR]`` prints both tables and writes the
-scaling figures (paper figs. 7 and 8) as PNG next to the results.
+Command line: ``python -m ce_dynamics.analysis results.jsonl [--out DIR]`` (``ce_dynamics.analysis.report``) prints
+both tables and writes the scaling figures (paper figs. 7 and 8) as PNG next to the results.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -437,43 +435,3 @@ def in_unit(rows: Iterable[Mapping], unit: str) -> list[dict]:
                 raise ResultsError(f"{c}_bpb of {row['model']} on {row['dataset']} must be a finite number, got {value!r}")
             row[c] = float(value)
     return rows
-
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print Tables 1-2 for a results file and write figs. 7-8 as PNG; exit 2 on bad input."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ce_dynamics.analysis.scaling",
-        description="Power-law fits of cross-entropy and its components against non-embedding parameters.",
-    )
-    parser.add_argument("results", type=Path, help="results.jsonl (one row per model, revision, dataset)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to results)")
-    parser.add_argument("--step", type=int, default=None, help="use rows at this training step (default: last)")
-    parser.add_argument("--min-models", type=int, default=3, help="models a family needs for a fit (>= 2)")
-    parser.add_argument("--no-figures", action="store_true", help="print the tables only")
-    parser.add_argument("--unit", choices=UNITS, default="nats",
-                        help="nats per token (default) or bits per byte (the rows' *_bpb fields)")
-    args = parser.parse_args(argv)
-    try:
-        rows = in_unit(select_final(load_results(args.results), step=args.step), args.unit)
-        fits = fit_groups(rows, min_models=args.min_models)
-    except (ResultsError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(r2_table(fits).format())
-    print()
-    print(delta_table(fits).format())
-    print("\n'*' marks the best value per family and dataset (highest R^2, smallest |Delta|).")
-    print(f"Components in {UNITS[args.unit]}.")
-    if not args.no_figures:
-        from ce_dynamics.analysis import figures
-
-        out = args.out if args.out is not None else args.results.parent
-        paths = figures.save_scaling_figures(rows, fits, out, unit=args.unit)
-        for path in paths:
-            print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

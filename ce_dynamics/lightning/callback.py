@@ -30,7 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_dynamics.lightning import sinks
 from ce_dynamics.files import save_state
-from ce_dynamics.functional import KEYS, in_callers_inference_mode
+from ce_dynamics._rows import in_callers_inference_mode
+from ce_dynamics.functional import KEYS
 from ce_dynamics.metric import CrossEntropyDecomposition
 
 

@@ -105,7 +105,7 @@ def _main(args: list[str]) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "scaling":
-        from ce_dynamics.analysis.scaling import main as scaling_main
+        from ce_dynamics.analysis.report import main as scaling_main
 
         return scaling_main(rest)
     if command == "experiments":

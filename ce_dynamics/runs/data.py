@@ -35,10 +35,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ce_dynamics.files import atomic_path
+from ce_dynamics.runs.pinning import EVAL_SEED, is_pinned_source, pinned_documents
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 42
 EOS = "<|endoftext|>"
 SOURCES = ("stdlib", "pydoc_topics", "file", "hf")
 
@@ -285,8 +285,6 @@ class CEDataModule(L.LightningDataModule):
                 raise ValueError(f"training corpus has fewer than seq_len={self.seq_len} tokens")
 
     def _eval_set(self, name: str, spec: Mapping[str, Any]) -> TokenWindows:
-        from ce_dynamics.runs.pinning import is_pinned_source, pinned_documents
-
         if self.cache_dir is not None and is_pinned_source(spec):
             pin = pinned_documents(spec, EVAL_SEED, self.eval_sequences, self.cache_dir, name=name)
             self.eval_hashes[name] = pin.hash

@@ -29,6 +29,8 @@ from typing import Any
 
 from ce_dynamics.files import atomic_open
 
+# The seed of the eval sampling protocol (a seed-42 shuffle, as in the paper's pipeline): pins and the datamodule.
+EVAL_SEED = 42
 PIN_DIR = "eval_pins"
 PIN_FORMAT = 1
 SHUFFLE_BUFFER = 10_000
@@ -191,8 +193,6 @@ def ensure_pins(cfg: Any) -> dict[str, Pin]:
     """The pins of `cfg.data.eval_sets` that come from `datasets`, drawn now where missing (online), so that
     a missing pin offline fails before any model is loaded. Keyed by eval set name."""
     from omegaconf import OmegaConf
-
-    from ce_dynamics.runs.data import EVAL_SEED
 
     pins = {}
     for name in cfg.data.eval_sets:

@@ -2,7 +2,7 @@
 
     python train.py experiment=tiny_scaling                        # 5 tiny GPT-NeoX sizes on CPU
     python train.py experiment=tiny_scaling trainer.max_steps=400  # any override applies to every member
-    python -m ce_dynamics.analysis.scaling outputs/tiny_scaling/sweep/results.jsonl
+    python -m ce_dynamics.analysis outputs/tiny_scaling/sweep/results.jsonl
 
 Every member uses the experiment's config (same tokenizer, data, token budget and schedule) with its own
 (hidden_size, num_hidden_layers) from `sweep.sizes`, is trained by `ce_dynamics.runs.training.run_training` into
@@ -110,8 +110,8 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
 
 def run_sweep(argv: Sequence[str]) -> int:
     """Train the family, then print the scaling tables and write the figures next to the results (train.py)."""
-    from ce_dynamics.analysis import scaling
+    from ce_dynamics.analysis import report
 
     path = run_sweep_rows(argv)
     print(f"wrote {path}")
-    return scaling.main([str(path)])
+    return report.main([str(path)])
