@@ -167,6 +167,9 @@ for batch_mode in (False, True):
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         print("METRICS", json.dumps({"world": trainer.args.world_size, "batch": batch_mode, **metrics}))
+if torch.distributed.is_initialized():  # tear gloo down before exit (its threads at exit can abort the process)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 

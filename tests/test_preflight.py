@@ -41,6 +41,9 @@ def old_run(tmp_path_factory):
     out, cache = tmp / "out", tmp / "cache"
     args = [*small(out, cache), "trainer.max_steps=2"]
     assert train_script.main(args) == 0
+    import wandb
+
+    wandb.teardown()  # the W&B service of this process may still be writing the run's files: let it finish
     (out / "notes.txt").write_text("mine")
     return {"out": out, "args": args}
 
