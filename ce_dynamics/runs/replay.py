@@ -149,8 +149,11 @@ def _load(cfg: DictConfig, ckpt: Checkpoint) -> tuple[Any, Any]:
     from ce_dynamics.runs.training import build_module, build_tokenizer
 
     if ckpt.path is None:
+        from ce_dynamics.runs.weights import spread_kwargs
+
         tokenizer = build_tokenizer(cfg, hub_id=ckpt.model, revision=ckpt.revision)
-        module = build_module(cfg, hub_id=ckpt.model, revision=ckpt.revision, dtype=cfg.replay.dtype)
+        load_cfg, placed = spread_kwargs(cfg, ckpt.model, ckpt.revision)
+        module = build_module(load_cfg, hub_id=ckpt.model, revision=ckpt.revision, dtype=cfg.replay.dtype, **placed)
     else:
         tokenizer = build_tokenizer(cfg)
         state = torch.load(ckpt.path, map_location="cpu", weights_only=False)
@@ -229,7 +232,9 @@ class _ModelWalk:
 
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
         callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
-        trainer = build_trainer(self.cfg, [callback], self.loggers)
+        from ce_dynamics.runs.weights import trainer_overrides
+
+        trainer = build_trainer(self.cfg, [callback], self.loggers, **trainer_overrides(module))
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
         trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step or 0
         trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
@@ -315,7 +320,9 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
         if changed and rank_zero_only.rank == 0:
             print(f"replay: on the hardware at hand ({'; '.join(changed)}); the experiment's settings apply to "
                   "mode=train, give trainer.* on the command line to choose", file=sys.stderr)
-    problem = hardware_problem(cfg)
+    from ce_dynamics.runs.weights import weights_problem
+
+    problem = weights_problem(cfg) or hardware_problem(cfg)
     if problem is not None:
         print(f"replay: {problem}", file=sys.stderr)
         return 2
@@ -324,6 +331,23 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     except ValueError as err:
         print(f"replay: {err}", file=sys.stderr)
         return 2
+    if cfg.replay.shard is not None:  # a job array's slice (output_dir is already the shard's own), or the merge
+        from ce_dynamics.runs.shards import MERGE, MergeError, merge_shards, parse_shard
+
+        if cfg.replay.shard == MERGE:
+            try:
+                path = merge_shards(cfg.output_dir, [(c.model, c.revision) for c in checkpoints], list(cfg.data.eval_sets),
+                                    rerun=f"ce-dynamics replay experiment={cfg.experiment} replay.shard={{i}}/{{n}}")
+            except MergeError as err:
+                print(f"replay: cannot merge: {err}", file=sys.stderr)
+                return 2
+            print(f"replay: merged {len(read_results(path))} rows into {path}", file=sys.stderr)
+            return 0
+        checkpoints = parse_shard(cfg.replay.shard).take(checkpoints)
+    if cfg.replay.dry_run:
+        from ce_dynamics.runs.plan import print_plan
+
+        return print_plan(cfg, checkpoints)
     out = Path(cfg.output_dir)
     results_path = out / "results.jsonl"
     done = done_keys(results_path)
@@ -361,6 +385,10 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             finally:
                 del module, tokenizer
                 _free_memory()
+                if cfg.replay.weights != "whole":
+                    from ce_dynamics.runs.weights import remove_offload
+
+                    remove_offload(cfg, ckpt.model, ckpt.revision)
                 if not cfg.replay.keep_weights and zero and commit is not None:
                     _delete_weights(ckpt, commit)
     finally:
@@ -412,6 +440,8 @@ def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str
 
     from ce_dynamics.runs.revisions import resolved_commit, weights_digest
 
+    if any(p.device.type == "meta" for p in module.model.parameters()):  # layers offloaded to disk: not in memory
+        return resolved_commit(ckpt.model, ckpt.revision) if ckpt.path is None else None
     digest = weights_digest(module.model)
     first = digests.setdefault((ckpt.model, digest), ckpt.revision)
     if first != ckpt.revision:
