@@ -33,7 +33,7 @@ _SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)([mb])(?![a-z])")
 
 @dataclass(frozen=True)
 class Hardware:
-    """The devices a replay would use: `count` x `memory` bytes of `kind` (`cuda` or `cpu`), doing `flops`
+    """The devices a replay would use: `count` x `memory` bytes of `kind` (`cuda` or `cpu`), each doing `flops`
     FLOP/s of replay (forward + decomposition), `flops_source` saying where that figure comes from."""
 
     kind: str
@@ -45,7 +45,7 @@ class Hardware:
     def describe(self) -> str:
         what = f"{self.count} x {self.kind.upper()} ({self.memory / GB:.0f} GB each)" if self.kind == "cuda" \
             else f"the CPU ({self.memory / GB:.0f} GB RAM)"
-        return f"{what}, {self.flops / 1e9:,.0f} GFLOP/s of replay ({self.flops_source})"
+        return f"{what}, {self.flops / 1e9:,.0f} GFLOP/s of replay per device ({self.flops_source})"
 
 
 @dataclass
