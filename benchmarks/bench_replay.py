@@ -208,8 +208,10 @@ torch.manual_seed(0)
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 base = rss()
+torch.set_default_dtype(torch.bfloat16)  # built in bf16, as from_pretrained(dtype=bfloat16) loads: no fp32 copy
 model = build_gpt_neox(dict(vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                            intermediate_size=4 * hidden, max_position_embeddings=seq)).to(torch.bfloat16).eval()
+                            intermediate_size=4 * hidden, max_position_embeddings=seq)).eval()
+torch.set_default_dtype(torch.float32)
 params = sum(p.numel() for p in model.parameters())
 metric = CrossEntropyDecomposition(vocab_size=50304)
 ids = torch.randint(0, 50304, (8, seq + 1))
