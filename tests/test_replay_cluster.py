@@ -50,13 +50,17 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_shards_run_side_by_side_a_killed_one_resumes_and_the_merge_equals_one_walk(tiny_hub: HubCache,
-                                                                                     tmp_path: Path) -> None:
+def test_shards_run_side_by_side_a_killed_one_resumes_and_the_merge_equals_one_walk(
+        tiny_hub: HubCache, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     one_walk = start(tiny_hub, single)  # the reference, beside shard 1/2 as a job array would run them
     second = start(tiny_hub, sharded, "replay.shard=1/2")
     finish(one_walk), finish(second)
     assert [r["step"] for r in read_results(sharded / "shards" / "1of2" / "results.jsonl")] == [2, 2]
+    merge = args(tiny_hub, sharded, "replay.shard=merge")
+    capfd.readouterr()
+    assert train.main(merge) == 2
+    assert "cannot merge: missing shard(s) 0of2 of 2" in capfd.readouterr().err
 
     first = start(tiny_hub, sharded, "replay.shard=0/2")  # step0 and step4: killed once step0's rows are in
     results = sharded / "shards" / "0of2" / "results.jsonl"
@@ -69,11 +73,14 @@ def test_shards_run_side_by_side_a_killed_one_resumes_and_the_merge_equals_one_w
     first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
     assert [r["step"] for r in read_results(results)] == [0, 0]
+    assert train.main(merge) == 2
+    err = capfd.readouterr().err
+    assert "shard 0of2 is incomplete: 2 of 4 row(s) missing" in err and "replay.shard=0/2" in err
 
     err = finish(start(tiny_hub, sharded, "replay.shard=0/2"))  # the rerun does only step4
     assert "1 checkpoint(s) evaluated, 1 already in" in err
     with offline_hub(tiny_hub.root):
-        assert train.main(args(tiny_hub, sharded, "replay.shard=merge")) == 0
+        assert train.main(merge) == 0
     merged, reference = read_results(sharded / "results.jsonl"), read_results(single / "results.jsonl")
     assert [(r["step"], r["dataset"]) for r in reference] == [(s, d) for s in (0, 2, 4) for d in ("code", "prose")]
     assert merged == reference  # row for row, every field, in the order of one walk
@@ -83,7 +90,7 @@ def test_shards_run_side_by_side_a_killed_one_resumes_and_the_merge_equals_one_w
                 counts = data["rank_counts"]
             assert counts.sum() == row["num_tokens"]
     with offline_hub(tiny_hub.root):  # merging again is a no-op
-        assert train.main(args(tiny_hub, sharded, "replay.shard=merge")) == 0
+        assert train.main(merge) == 0
     assert read_results(sharded / "results.jsonl") == reference
 
 

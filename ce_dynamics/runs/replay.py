@@ -314,6 +314,8 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
+    if cfg.replay.shard == "merge":  # on any machine: no hardware check
+        return _merge(cfg)
     if command_line is not None:
         cfg = copy.deepcopy(cfg)
         changed = fit_hardware(cfg, command_line_keys(command_line))
@@ -331,23 +333,16 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     except ValueError as err:
         print(f"replay: {err}", file=sys.stderr)
         return 2
-    if cfg.replay.shard is not None:  # a job array's slice (output_dir is already the shard's own), or the merge
-        from ce_dynamics.runs.shards import MERGE, MergeError, merge_shards, parse_shard
+    if cfg.replay.shard is not None:  # a job array's slice; output_dir is already the shard's own folder
+        from ce_dynamics.runs.shards import parse_shard
 
-        if cfg.replay.shard == MERGE:
-            try:
-                path = merge_shards(cfg.output_dir, [(c.model, c.revision) for c in checkpoints], list(cfg.data.eval_sets),
-                                    rerun=f"ce-dynamics replay experiment={cfg.experiment} replay.shard={{i}}/{{n}}")
-            except MergeError as err:
-                print(f"replay: cannot merge: {err}", file=sys.stderr)
-                return 2
-            print(f"replay: merged {len(read_results(path))} rows into {path}", file=sys.stderr)
-            return 0
         checkpoints = parse_shard(cfg.replay.shard).take(checkpoints)
     if cfg.replay.dry_run:
         from ce_dynamics.runs.plan import print_plan
 
         return print_plan(cfg, checkpoints)
+    if cfg.replay.shard is not None:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # started, even with an empty slice
     out = Path(cfg.output_dir)
     results_path = out / "results.jsonl"
     done = done_keys(results_path)
@@ -411,6 +406,21 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     if failures:
         print("replay: failed:\n" + "\n".join(f"  - {f}" for f in failures), file=sys.stderr)
         return 1
+    return 0
+
+
+def _merge(cfg: DictConfig) -> int:
+    """`replay.shard=merge`: the shards in `output_dir/shards/` into `output_dir/results.jsonl` (runs/shards.py)."""
+    from ce_dynamics.runs.shards import MergeError, merge_shards
+
+    try:
+        walk = [(c.model, c.revision) for c in plan(cfg)]
+        path = merge_shards(cfg.output_dir, walk, list(cfg.data.eval_sets),
+                            rerun=f"ce-dynamics replay experiment={cfg.experiment} replay.shard={{i}}/{{n}}")
+    except (ValueError, MergeError) as err:
+        print(f"replay: cannot merge: {err}", file=sys.stderr)
+        return 2
+    print(f"replay: merged {len(read_results(path))} rows into {path}", file=sys.stderr)
     return 0
 
 
