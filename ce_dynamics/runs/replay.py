@@ -15,6 +15,10 @@ records the `commit` its revision resolved to; two revisions with identical weig
 (ce_dynamics/runs/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
 The trainer's accelerator/devices/strategy/num_nodes not given on the command line are fitted to this
 machine (:func:`fit_hardware`), and a setting it cannot run is refused before the walk.
+
+On a cluster: `replay.shard=i/n` walks a slice of the checkpoints in its own folder and `replay.shard=merge`
+combines the slices (ce_dynamics/runs/shards.py); `replay.weights=device_map` spreads a model larger than one
+device (ce_dynamics/runs/weights.py); `replay.dry_run=true` prints the plan instead (ce_dynamics/runs/plan.py).
 """
 
 from __future__ import annotations
