@@ -234,3 +234,28 @@ def test_the_plan_picks_ddp_device_map_or_offload_by_memory(monkeypatch: pytest.
     assert node[1].memory_per_device == pytest.approx(70e9 * 2 * 1.2 / 8)
     assert one[1].strategy.startswith("replay.weights=device_map, offloading")
     assert node[0].seconds == pytest.approx(3 * 1000 * 511 * 2 * 7e9 / (8 * 1e15))  # 3 eval sets, DDP over 8
+
+
+@pytest.mark.slow
+def test_torchrun_runs_a_shard_data_parallel(tiny_hub: HubCache, tmp_path: Path) -> None:
+    """The guide's launch: torchrun starts 2 processes (gloo on CPU), Lightning joins them, and shard 1/2 of
+    [0,2,4] (step2) gives the one-process rows: same tokens and rank counts, log-scores to float32 rounding."""
+    out, one = tmp_path / "torchrun", tmp_path / "one"
+    env = {**os.environ, **tiny_hub.env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+                           "ce_dynamics.runs.cli", "replay",
+                           *args(tiny_hub, out, "replay.shard=1/2", "trainer.devices=2", "trainer.strategy=ddp")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("replay: 1 checkpoint(s) evaluated") == 1  # rank zero's summary only
+    with offline_hub(tiny_hub.root):
+        assert train.main(args(tiny_hub, one, revisions="[2]")) == 0
+    rows, expected = read_results(out / "shards" / "1of2" / "results.jsonl"), read_results(one / "results.jsonl")
+    assert [(r["step"], r["dataset"]) for r in rows] == [(2, "code"), (2, "prose")]
+    for row, ref in zip(rows, expected):
+        assert row["num_tokens"] == ref["num_tokens"]
+        for key in KEYS:
+            assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
+        counts = [np.load(state_path(root / SLUG, row["dataset"], 2))["rank_counts"]
+                  for root in (out / "shards" / "1of2", one)]
+        np.testing.assert_array_equal(*counts)
