@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_metric.py
 	$(BIN)/python benchmarks/bench_callback.py
 	$(BIN)/python benchmarks/bench_replay.py
+	$(BIN)/python benchmarks/bench_replay.py --throughput
 	$(BIN)/python benchmarks/bench_gpu.py
 	$(BIN)/python benchmarks/bench_hidden.py
 

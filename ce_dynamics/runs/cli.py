@@ -61,6 +61,8 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
+    if cfg.mode == "replay" and cfg.replay.dry_run:  # the plan is the whole output
+        return code
     from ce_dynamics.runs.summary import print_summary
 
     print_summary(cfg, argv, exit_code=code)
@@ -73,6 +75,10 @@ def _dispatch(cfg: Any, argv: list[str]) -> int:
 
     if cfg.mode == "prepare":
         return run_prepare(cfg)
+    if cfg.mode == "replay" and (cfg.replay.dry_run or cfg.replay.shard == "merge"):  # reads no eval data
+        from ce_dynamics.runs.replay import run_replay
+
+        return run_replay(cfg, command_line=argv)
     if (code := record_pins(cfg)) is not None:  # a missing eval pin offline fails here, before any model loads
         return code
     if cfg.mode == "replay":

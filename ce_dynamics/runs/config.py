@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ce_dynamics.runs.config_schema import ConfigError, check_types, flat_items
+from ce_dynamics.runs.shards import MERGE, parse_shard, shard_dir
 
 __all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
 
@@ -100,6 +101,8 @@ def load_config(argv: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
     _check(cfg)
     if cfg.output_dir is None:
         cfg.output_dir = f"outputs/{cfg.experiment}/{cfg.mode}"
+    if cfg.mode == "replay" and cfg.replay.shard not in (None, MERGE):  # one folder (and lock) per shard
+        cfg.output_dir = str(shard_dir(cfg.output_dir, parse_shard(cfg.replay.shard)))
     return cfg
 
 

@@ -20,7 +20,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ce_dynamics.runs.shards import is_shard_value
+
 MODES = ("train", "replay", "sweep", "prepare")
+WEIGHTS = ("whole", "device_map")  # replay.weights: each process loads the model whole, or its layers spread
 SOURCES = ("stdlib", "pydoc_topics", "file", "hf")  # == ce_dynamics.runs.data.SOURCES (tests keep them equal)
 # Trainer arguments train.py passes itself; a config value for them would clash.
 TRAINER_SET_BY_TRAIN_PY = {
@@ -165,6 +168,11 @@ RULES: dict[str, Rule] = {
     "replay.checkpoints": STR | NULL,
     "replay.dtype": one_of("float32", "bfloat16"),
     "replay.keep_weights": BOOL,
+    "replay.shard": Rule(is_shard_value, "null, 'merge', or 'i/n' with 0 <= i < n (this job's slice of the walk)"),
+    "replay.weights": one_of(*WEIGHTS),
+    "replay.max_memory": MAPPING | NULL,
+    "replay.offload_dir": STR | NULL,
+    "replay.dry_run": BOOL,
 }
 
 # Fields of a data.eval catalog entry that ce_dynamics.runs.data reads; other fields pass unchecked (the catalog is open).

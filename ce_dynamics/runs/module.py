@@ -46,13 +46,17 @@ class CausalLMModule(L.LightningModule):
     (the callback scores them against `get_output_embeddings()`), and computes its loss in token blocks, so a
     large vocabulary's `N x V` logits are never built in validation. Only for models whose logits are
     `lm_head(last_hidden_state)` (no logit scaling or soft-capping after the head).
+
+    `device_map` (with `hub_id`): accelerate's placement of the layers over devices, CPU and disk
+    (`offload_folder`); see ce_dynamics/runs/weights.py.
     """
 
     def __init__(self, model_config: Mapping[str, Any] | None = None, hub_id: str | None = None,
                  revision: str | None = None, dtype: str = "float32", lr: float = 3e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 0, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 validation_output: str = "logits") -> None:
+                 validation_output: str = "logits", device_map: Mapping[str, Any] | None = None,
+                 offload_folder: str | None = None) -> None:
         super().__init__()
         if (model_config is None) == (hub_id is None):
             raise ValueError("give exactly one of model_config (train from scratch) or hub_id (from_pretrained)")
@@ -64,7 +68,9 @@ class CausalLMModule(L.LightningModule):
         if hub_id is not None:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=DTYPES[dtype])
+            placed = {"device_map": dict(device_map), "offload_folder": offload_folder} if device_map else {}
+            self.model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=DTYPES[dtype],
+                                                              **placed)
         else:
             self.model = build_gpt_neox(model_config)
 
@@ -86,8 +92,10 @@ class CausalLMModule(L.LightningModule):
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(last hidden states [B, T-1, H], labels, mean cross-entropy), the loss from blocks of logits."""
         hidden = self.model.base_model(input_ids=batch["input_ids"][:, :-1]).last_hidden_state
-        labels = self._labels(batch)
         head = self.model.get_output_embeddings()
+        if head.weight.device.type != "meta":  # layers spread over devices: score where the unembedding lives
+            hidden = hidden.to(head.weight.device)
+        labels = self._labels(batch).to(hidden.device)
         flat_hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
         rows = max(1, _LOSS_BLOCK_ELEMENTS // head.weight.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)

@@ -15,6 +15,10 @@ records the `commit` its revision resolved to; two revisions with identical weig
 (ce_dynamics/runs/revisions.py). `replay.keep_weights=false` deletes a revision's downloaded files once evaluated.
 The trainer's accelerator/devices/strategy/num_nodes not given on the command line are fitted to this
 machine (:func:`fit_hardware`), and a setting it cannot run is refused before the walk.
+
+On a cluster: `replay.shard=i/n` walks a slice of the checkpoints in its own folder and `replay.shard=merge`
+combines the slices (ce_dynamics/runs/shards.py); `replay.weights=device_map` spreads a model larger than one
+device (ce_dynamics/runs/weights.py); `replay.dry_run=true` prints the plan instead (ce_dynamics/runs/plan.py).
 """
 
 from __future__ import annotations
@@ -149,8 +153,11 @@ def _load(cfg: DictConfig, ckpt: Checkpoint) -> tuple[Any, Any]:
     from ce_dynamics.runs.training import build_module, build_tokenizer
 
     if ckpt.path is None:
+        from ce_dynamics.runs.weights import spread_kwargs
+
         tokenizer = build_tokenizer(cfg, hub_id=ckpt.model, revision=ckpt.revision)
-        module = build_module(cfg, hub_id=ckpt.model, revision=ckpt.revision, dtype=cfg.replay.dtype)
+        load_cfg, placed = spread_kwargs(cfg, ckpt.model, ckpt.revision)
+        module = build_module(load_cfg, hub_id=ckpt.model, revision=ckpt.revision, dtype=cfg.replay.dtype, **placed)
     else:
         tokenizer = build_tokenizer(cfg)
         state = torch.load(ckpt.path, map_location="cpu", weights_only=False)
@@ -229,7 +236,9 @@ class _ModelWalk:
 
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
         callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
-        trainer = build_trainer(self.cfg, [callback], self.loggers)
+        from ce_dynamics.runs.weights import trainer_overrides
+
+        trainer = build_trainer(self.cfg, [callback], self.loggers, **trainer_overrides(module))
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
         trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step or 0
         trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
@@ -309,13 +318,17 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm.auto import tqdm
 
+    if cfg.replay.shard == "merge":  # on any machine: no hardware check
+        return _merge(cfg)
     if command_line is not None:
         cfg = copy.deepcopy(cfg)
         changed = fit_hardware(cfg, command_line_keys(command_line))
         if changed and rank_zero_only.rank == 0:
             print(f"replay: on the hardware at hand ({'; '.join(changed)}); the experiment's settings apply to "
                   "mode=train, give trainer.* on the command line to choose", file=sys.stderr)
-    problem = hardware_problem(cfg)
+    from ce_dynamics.runs.weights import weights_problem
+
+    problem = weights_problem(cfg) or hardware_problem(cfg)
     if problem is not None:
         print(f"replay: {problem}", file=sys.stderr)
         return 2
@@ -324,6 +337,16 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     except ValueError as err:
         print(f"replay: {err}", file=sys.stderr)
         return 2
+    if cfg.replay.shard is not None:  # a job array's slice; output_dir is already the shard's own folder
+        from ce_dynamics.runs.shards import parse_shard
+
+        checkpoints = parse_shard(cfg.replay.shard).take(checkpoints)
+    if cfg.replay.dry_run:
+        from ce_dynamics.runs.plan import print_plan
+
+        return print_plan(cfg, checkpoints)
+    if cfg.replay.shard is not None:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # started, even with an empty slice
     out = Path(cfg.output_dir)
     results_path = out / "results.jsonl"
     done = done_keys(results_path)
@@ -361,6 +384,10 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             finally:
                 del module, tokenizer
                 _free_memory()
+                if cfg.replay.weights != "whole":
+                    from ce_dynamics.runs.weights import remove_offload
+
+                    remove_offload(cfg, ckpt.model, ckpt.revision)
                 if not cfg.replay.keep_weights and zero and commit is not None:
                     _delete_weights(ckpt, commit)
     finally:
@@ -383,6 +410,21 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     if failures:
         print("replay: failed:\n" + "\n".join(f"  - {f}" for f in failures), file=sys.stderr)
         return 1
+    return 0
+
+
+def _merge(cfg: DictConfig) -> int:
+    """`replay.shard=merge`: the shards in `output_dir/shards/` into `output_dir/results.jsonl` (runs/shards.py)."""
+    from ce_dynamics.runs.shards import MergeError, merge_shards
+
+    try:
+        walk = [(c.model, c.revision) for c in plan(cfg)]
+        path = merge_shards(cfg.output_dir, walk, list(cfg.data.eval_sets),
+                            rerun=f"ce-dynamics replay experiment={cfg.experiment} replay.shard={{i}}/{{n}}")
+    except (ValueError, MergeError) as err:
+        print(f"replay: cannot merge: {err}", file=sys.stderr)
+        return 2
+    print(f"replay: merged {len(read_results(path))} rows into {path}", file=sys.stderr)
     return 0
 
 
@@ -412,6 +454,8 @@ def _check_integrity(ckpt: Checkpoint, module: Any, digests: dict[tuple[str, str
 
     from ce_dynamics.runs.revisions import resolved_commit, weights_digest
 
+    if any(p.device.type == "meta" for p in module.model.parameters()):  # layers offloaded to disk: not in memory
+        return resolved_commit(ckpt.model, ckpt.revision) if ckpt.path is None else None
     digest = weights_digest(module.model)
     first = digests.setdefault((ckpt.model, digest), ckpt.revision)
     if first != ckpt.revision:

@@ -79,9 +79,10 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
 
 
 def build_module(cfg: DictConfig, hub_id: str | None = None, revision: str | None = None,
-                 dtype: str = "float32") -> CausalLMModule:
-    """`from_pretrained(hub_id, revision)` when given (or `model.pretrained`), else GPT-NeoX from model.*."""
-    kwargs = {**_plain(cfg.optim), "validation_output": cfg.model.validation_output}
+                 dtype: str = "float32", **placement: Any) -> CausalLMModule:
+    """`from_pretrained(hub_id, revision)` when given (or `model.pretrained`), else GPT-NeoX from model.*;
+    `placement`: `device_map`/`offload_folder` for `from_pretrained` (ce_dynamics/runs/weights.py)."""
+    kwargs = {**_plain(cfg.optim), "validation_output": cfg.model.validation_output, **placement}
     if hub_id is None and cfg.model.pretrained:
         hub_id, revision = cfg.model.hub_id, cfg.model.revision
         if not hub_id:
@@ -140,9 +141,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
-    """`lightning.Trainer(**cfg.trainer)` writing under `output_dir`, checkpoints written atomically."""
-    return L.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False,
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger], **overrides: Any) -> L.Trainer:
+    """`lightning.Trainer(**cfg.trainer, **overrides)` writing under `output_dir`, checkpoints written atomically."""
+    return L.Trainer(**{**_plain(cfg.trainer), **overrides}, callbacks=callbacks, logger=loggers or False,
                      default_root_dir=cfg.output_dir, plugins=[AtomicCheckpointIO()])
 
 
