@@ -1,0 +1,239 @@
+"""Sampling uncertainty of the decomposition: a bootstrap over eval instances, grouped.
+
+Tokens of one document are correlated, so the unit that is resampled is the eval instance (sequence or
+document), never the token. Each instance is hashed, by its id and a seed, into one of ``K`` groups, and the
+metric keeps the per-rank state of every group (``group_rank_counts`` and ``group_rank_log_score_sum``,
+``[K, V]`` int64, summed like the rest; the log-scores in fixed point, units of ``2**-32`` nats, so that their sums
+are exact and the same in any order, on any device). At ``compute()`` the groups are resampled with replacement ``B`` times (a
+cluster bootstrap: the groups are independent random sets of instances); each replicate's decomposition comes
+from the summed state of its groups. Nothing depends on batch order, process count or a resume: the group of an
+instance is a pure function of ``(seed, instance id)``, the state is a sum, and the replicate draws come from
+the seed alone.
+
+Reported per key (``cross_entropy``, ``error_entropy``, ``self_alignment``, ``confidence``, ``accuracy``):
+``<key>_se`` (the replicates' standard deviation) and the basic ("reverse percentile") 95% interval
+``<key>_lo, <key>_hi = 2 x - q_975, 2 x - q_025``, which also corrects for the estimators' finite-sample bias
+(plug-in entropies are biased low, Confidence high). Beside Error-Entropy: ``error_entropy_mm`` (Miller-Madow,
+``+ (m - 1) / 2N``, which assumes independent tokens), ``error_entropy_bc`` (bootstrap bias-corrected,
+``2 x - mean(x*)``, which resamples documents and so accounts for their correlation), and the sample-sufficiency
+readout ``error_entropy_half`` / ``error_entropy_half_se``: Error-Entropy and its standard error from half the
+instances. This module imports only torch and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+BOOTSTRAP_KEYS = ("cross_entropy", "error_entropy", "self_alignment", "confidence", "accuracy")
+SUFFIXES = ("_se", "_lo", "_hi")
+EXTRA_KEYS = ("error_entropy_mm", "error_entropy_bc", "error_entropy_half", "error_entropy_half_se")
+DEFAULT_GROUPS = 64
+LEVEL = 0.95
+_HALVES = 16  # random halves averaged for error_entropy_half
+_CHUNK = 32  # replicates decomposed at once (bounds compute()'s temporaries to a few [32, seen ranks] arrays)
+_MASK32 = 0xFFFFFFFF
+FIXED_POINT = 2.0**32  # group log-score sums are int64 in units of 1 / FIXED_POINT nats
+_FIXED_LIMIT = 2.0**30  # |log-score| clamp (nats) that keeps a token's fixed-point value far from int64's range
+
+
+def interval_keys() -> list[str]:
+    """Every key ``compute()`` adds when the bootstrap is on, in a stable order."""
+    return [f"{key}{suffix}" for key in BOOTSTRAP_KEYS for suffix in SUFFIXES] + list(EXTRA_KEYS)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit avalanche (the ``lowbias32`` finaliser) in int64 arithmetic, exact on every device: values stay
+    below 2**32 and every product below 2**63."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def instance_groups(instance_ids: Tensor, num_groups: int, seed: int = 0) -> Tensor:
+    """The group (int64, in ``[0, num_groups)``) of each instance id: a counter-based hash of ``(seed, id)``, so
+    the same on every device, process and run. Elementwise: no host synchronisation."""
+    ids = instance_ids.to(torch.int64)
+    key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=ids.device) ^ 0x9E3779B9)
+    high = _mix32(((ids >> 32) & _MASK32) ^ key)
+    return _mix32((ids & _MASK32) ^ high) % num_groups
+
+
+def accumulate_groups(ranks: Tensor, log_scores: Tensor, groups: Tensor, use: Tensor | None,
+                      group_rank_counts: Tensor, group_rank_log_score_sum: Tensor) -> None:
+    """Add tokens into the per-group state ``[K, V]`` in place: token ``i`` goes to row ``groups[i]``, column
+    ``ranks[i]``; rows where ``use`` is False add nothing. Log-scores are added in fixed point (int64, units of
+    ``1 / FIXED_POINT`` nats): integer sums do not depend on order. No host synchronisation."""
+    vocab_size = group_rank_counts.shape[1]
+    device = group_rank_counts.device
+    flat = groups.to(device) * vocab_size + ranks.to(device)
+    scaled = log_scores.to(device=device, dtype=torch.float64).clamp(-_FIXED_LIMIT, _FIXED_LIMIT) * FIXED_POINT
+    log_scores = scaled.nan_to_num(0.0).round().to(torch.int64)
+    if use is None:
+        group_rank_counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        group_rank_log_score_sum.view(-1).index_add_(0, flat, log_scores)
+        return
+    use = use.to(device)
+    flat = flat.where(use, 0)
+    group_rank_counts.view(-1).index_add_(0, flat, use.to(torch.int64))
+    group_rank_log_score_sum.view(-1).index_add_(0, flat, log_scores.where(use, 0))
+
+
+def replicate_weights(num_groups: int, replicates: int, seed: int = 0, draws: int | None = None) -> np.ndarray:
+    """``[replicates, num_groups]`` int64: how often each group is drawn in each replicate (``draws`` groups,
+    default ``num_groups``, drawn with replacement), from the seed alone (numpy's PCG64)."""
+    rng = np.random.default_rng([seed, num_groups, replicates])
+    picks = rng.integers(0, num_groups, size=(replicates, draws or num_groups))
+    weights = np.zeros((replicates, num_groups), dtype=np.int64)
+    np.add.at(weights, (np.arange(replicates)[:, None], picks), 1)
+    return weights
+
+
+def decompose_rows(counts: Tensor, sums: Tensor) -> dict[str, Tensor]:
+    """The decomposition of each row of ``counts``/``sums`` ``[R, V]`` (float64; the bootstrap's replicates):
+    ``[R]`` tensors for :data:`BOOTSTRAP_KEYS`, plus ``num_tokens`` and ``num_ranks`` (ranks seen). NaN for a
+    row with no token. The same formulas as :func:`ce_dynamics.functional.decomposition_from_state`."""
+    total = counts.sum(1)
+    seen = counts > 0
+    safe_n = counts.where(seen, 1.0)
+    p = counts / total[:, None]
+    log_p = (safe_n.log() - total.log()[:, None]).where(seen, 0.0)
+    log_big_q = (sums / safe_n).where(seen, -math.inf)
+    confidence = torch.logsumexp(log_big_q, 1)
+    log_q = (log_big_q - confidence[:, None]).where(seen, 0.0)
+    error_entropy = -(p * log_p).sum(1)
+    return {
+        "cross_entropy": -sums.sum(1) / total,
+        "error_entropy": error_entropy,
+        "self_alignment": (p * (log_p - log_q)).sum(1),
+        "confidence": confidence,
+        "accuracy": p[:, 0],
+        "num_tokens": total,
+        "num_ranks": seen.sum(1).to(torch.float64),
+    }
+
+
+def _replicates(counts: Tensor, sums: Tensor, weights: np.ndarray) -> dict[str, Tensor]:
+    """The decomposition of every replicate (rows of ``weights`` over the groups of ``counts``/``sums``)."""
+    parts: list[dict[str, Tensor]] = []
+    w_all = torch.from_numpy(weights).to(device=counts.device, dtype=torch.float64)
+    for lo in range(0, w_all.shape[0], _CHUNK):
+        w = w_all[lo:lo + _CHUNK]
+        parts.append(decompose_rows(w @ counts, w @ sums))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def bootstrap_summary(group_rank_counts: Tensor, group_rank_log_score_sum: Tensor, replicates: int,
+                      seed: int = 0, point: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """Standard errors, basic 95% intervals, bias-corrected Error-Entropy and the sample-sufficiency readout
+    from the per-group state (see the module docstring). ``point``: the point estimates (default: those of the
+    summed state). Deterministic in ``(state, replicates, seed)``; 0-dim float64 tensors."""
+    gc = torch.as_tensor(group_rank_counts)
+    gs = torch.as_tensor(group_rank_log_score_sum).to(device=gc.device, dtype=torch.float64) / FIXED_POINT
+    if gc.dim() != 2 or gs.shape != gc.shape:
+        raise ValueError(f"Expected per-group state of shape [K, V], got {tuple(gc.shape)} and {tuple(gs.shape)}.")
+    num_groups = gc.shape[0]
+    columns = (gc.sum(0) > 0).nonzero().squeeze(1)  # ranks never seen add nothing to any replicate
+    if columns.numel() and int(columns[0]) != 0:  # keep rank 0 for accuracy
+        columns = torch.cat([torch.zeros(1, dtype=columns.dtype, device=columns.device), columns])
+    counts = gc[:, columns].to(torch.float64)
+    sums = gs[:, columns]
+    whole = decompose_rows(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))
+    point_values = {key: float(whole[key][0]) if point is None else float(point[key]) for key in BOOTSTRAP_KEYS}
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    out = {key: nan.clone() for key in interval_keys()}
+    total = float(whole["num_tokens"][0])
+    if total > 0:
+        out["error_entropy_mm"] = torch.tensor(point_values["error_entropy"]
+                                               + (float(whole["num_ranks"][0]) - 1) / (2 * total))
+    if replicates < 2 or total == 0:
+        return out
+    reps = _replicates(counts, sums, replicate_weights(num_groups, replicates, seed))
+    alpha = (1 - LEVEL) / 2
+    for key in BOOTSTRAP_KEYS:
+        values = reps[key][torch.isfinite(reps[key])].cpu().numpy()
+        if values.size < 2:
+            continue
+        x = point_values[key]
+        q_lo, q_hi = np.quantile(values, [alpha, 1 - alpha])
+        out[f"{key}_se"] = torch.tensor(float(values.std(ddof=1)), dtype=torch.float64)
+        out[f"{key}_lo"] = torch.tensor(2 * x - float(q_hi), dtype=torch.float64)
+        out[f"{key}_hi"] = torch.tensor(2 * x - float(q_lo), dtype=torch.float64)
+        if key == "error_entropy":
+            out["error_entropy_bc"] = torch.tensor(2 * x - float(values.mean()), dtype=torch.float64)
+    out.update(_half_readout(counts, sums, replicates, seed))
+    return out
+
+
+def _half_readout(counts: Tensor, sums: Tensor, replicates: int, seed: int) -> dict[str, Tensor]:
+    """Error-Entropy from half the groups (mean over random halves) and its bootstrap standard error there."""
+    num_groups = counts.shape[0]
+    half = num_groups // 2
+    if half < 2:
+        return {}
+    rng = np.random.default_rng([seed, num_groups, 1])
+    masks = np.zeros((_HALVES, num_groups))
+    for row in masks:
+        row[rng.permutation(num_groups)[:half]] = 1.0
+    m = torch.from_numpy(masks).to(device=counts.device)
+    halves = decompose_rows(m @ counts, m @ sums)["error_entropy"]
+    chosen = torch.from_numpy(np.flatnonzero(masks[0])).to(counts.device)
+    reps = _replicates(counts[chosen], sums[chosen], replicate_weights(half, replicates, seed))["error_entropy"]
+    reps = reps[torch.isfinite(reps)]
+    return {"error_entropy_half": halves[torch.isfinite(halves)].mean(),
+            "error_entropy_half_se": reps.std() if reps.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64)}
+
+
+# --------------------------------------------------------------------------------- saved form (npz)
+# The per-group state is K x V, mostly zeros: it is saved as its non-zero entries (at most one per token).
+
+def pack_group_state(group_rank_counts: Tensor, group_rank_log_score_sum: Tensor, replicates: int,
+                     seed: int) -> dict[str, np.ndarray]:
+    """The arrays a state file keeps of the per-group state: ``bootstrap_index`` (flat ``group * V + rank`` of
+    each non-zero entry), ``bootstrap_counts``, ``bootstrap_log_score_sum``, and the shape and settings that
+    recompute the intervals (``bootstrap_shape``, ``bootstrap_replicates``, ``bootstrap_seed``)."""
+    counts = group_rank_counts.detach().reshape(-1).cpu()
+    sums = group_rank_log_score_sum.detach().reshape(-1).cpu()
+    index = counts.nonzero().squeeze(1)
+    small = counts.numel() < 2**31 and (index.numel() == 0 or int(counts[index].max()) < 2**31)
+    dtype = np.int32 if small else np.int64
+    return {
+        "bootstrap_index": index.numpy().astype(dtype),
+        "bootstrap_counts": counts[index].numpy().astype(dtype),
+        "bootstrap_log_score_sum": sums[index].numpy(),  # int64, units of 1 / FIXED_POINT nats
+        "bootstrap_shape": np.asarray(tuple(group_rank_counts.shape), dtype=np.int64),
+        "bootstrap_replicates": np.asarray(replicates, dtype=np.int64),
+        "bootstrap_seed": np.asarray(seed, dtype=np.int64),
+    }
+
+
+def unpack_group_state(state: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """``(group_rank_counts, group_rank_log_score_sum)`` ``[K, V]`` of a state file's arrays (or of a state dict
+    already holding them dense); None when the state has no per-group part."""
+    if "group_rank_counts" in state:
+        return (torch.as_tensor(state["group_rank_counts"]), torch.as_tensor(state["group_rank_log_score_sum"]))
+    if "bootstrap_index" not in state:
+        return None
+    shape = tuple(int(n) for n in np.asarray(state["bootstrap_shape"]))
+    index = torch.as_tensor(np.asarray(state["bootstrap_index"], dtype=np.int64))
+    counts = torch.zeros(math.prod(shape), dtype=torch.int64)
+    sums = torch.zeros(math.prod(shape), dtype=torch.int64)
+    counts[index] = torch.as_tensor(np.asarray(state["bootstrap_counts"], dtype=np.int64))
+    sums[index] = torch.as_tensor(np.asarray(state["bootstrap_log_score_sum"], dtype=np.int64))
+    return counts.reshape(shape), sums.reshape(shape)
+
+
+def summary_of_state(state: Mapping[str, Any], point: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """The bootstrap keys of a saved (or packed) state, recomputed exactly from its arrays; {} without them."""
+    groups = unpack_group_state(state)
+    if groups is None or int(np.asarray(state.get("bootstrap_replicates", 0))) < 1:
+        return {}
+    return bootstrap_summary(*groups, int(np.asarray(state["bootstrap_replicates"])),
+                             int(np.asarray(state.get("bootstrap_seed", 0))), point)
