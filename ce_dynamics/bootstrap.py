@@ -34,6 +34,7 @@ BOOTSTRAP_KEYS = ("cross_entropy", "error_entropy", "self_alignment", "confidenc
 SUFFIXES = ("_se", "_lo", "_hi")
 EXTRA_KEYS = ("error_entropy_mm", "error_entropy_bc", "error_entropy_half", "error_entropy_half_se")
 DEFAULT_GROUPS = 64
+DEFAULT_REPLICATES = 200  # the callback's, replay's and the HF adapter's default (the library's is 0: off)
 LEVEL = 0.95
 _HALVES = 16  # random halves averaged for error_entropy_half
 _CHUNK = 32  # replicates decomposed at once (bounds compute()'s temporaries to a few [32, seen ranks] arrays)
@@ -131,10 +132,12 @@ def _replicates(counts: Tensor, sums: Tensor, weights: np.ndarray) -> dict[str, 
 
 
 def bootstrap_summary(group_rank_counts: Tensor, group_rank_log_score_sum: Tensor, replicates: int,
-                      seed: int = 0, point: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+                      seed: int = 0) -> dict[str, Tensor]:
     """Standard errors, basic 95% intervals, bias-corrected Error-Entropy and the sample-sufficiency readout
-    from the per-group state (see the module docstring). ``point``: the point estimates (default: those of the
-    summed state). Deterministic in ``(state, replicates, seed)``; 0-dim float64 tensors."""
+    from the per-group state (see the module docstring); 0-dim float64 tensors. Everything, the intervals'
+    centres included, comes from the integer group state, so the result is a function of ``(state, replicates,
+    seed)`` alone: bit for bit the same however the tokens were batched, split across processes or resumed
+    (the centres equal the metric's point estimates up to the fixed point's ``2**-32`` nats per token)."""
     gc = torch.as_tensor(group_rank_counts)
     gs = torch.as_tensor(group_rank_log_score_sum).to(device=gc.device, dtype=torch.float64) / FIXED_POINT
     if gc.dim() != 2 or gs.shape != gc.shape:
@@ -146,7 +149,7 @@ def bootstrap_summary(group_rank_counts: Tensor, group_rank_log_score_sum: Tenso
     counts = gc[:, columns].to(torch.float64)
     sums = gs[:, columns]
     whole = decompose_rows(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))
-    point_values = {key: float(whole[key][0]) if point is None else float(point[key]) for key in BOOTSTRAP_KEYS}
+    point_values = {key: float(whole[key][0]) for key in BOOTSTRAP_KEYS}
     nan = torch.tensor(math.nan, dtype=torch.float64)
     out = {key: nan.clone() for key in interval_keys()}
     total = float(whole["num_tokens"][0])
@@ -230,10 +233,10 @@ def unpack_group_state(state: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None
     return counts.reshape(shape), sums.reshape(shape)
 
 
-def summary_of_state(state: Mapping[str, Any], point: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+def summary_of_state(state: Mapping[str, Any]) -> dict[str, Tensor]:
     """The bootstrap keys of a saved (or packed) state, recomputed exactly from its arrays; {} without them."""
     groups = unpack_group_state(state)
     if groups is None or int(np.asarray(state.get("bootstrap_replicates", 0))) < 1:
         return {}
     return bootstrap_summary(*groups, int(np.asarray(state["bootstrap_replicates"])),
-                             int(np.asarray(state.get("bootstrap_seed", 0))), point)
+                             int(np.asarray(state.get("bootstrap_seed", 0))))

@@ -235,7 +235,7 @@ class CrossEntropyDecomposition(Metric):
         out = decomposition_from_state(self.rank_counts, self.rank_log_score_sum, self.nonfinite_tokens)
         if self.bootstrap:
             out.update(_bootstrap.bootstrap_summary(self.group_rank_counts, self.group_rank_log_score_sum,
-                                                    self.bootstrap, self.bootstrap_seed, out))
+                                                    self.bootstrap, self.bootstrap_seed))
         return out
 
     def bootstrap_state(self) -> dict[str, Any]:

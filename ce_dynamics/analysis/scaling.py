@@ -176,7 +176,8 @@ def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]
                     missing = {"rank_counts", "rank_log_score_sum"} - set(data.files)
                     if missing:
                         raise ResultsError(f"{file}: missing array(s) {sorted(missing)}")
-                    state = {"rank_counts": data["rank_counts"], "rank_log_score_sum": data["rank_log_score_sum"]}
+                    state = {key: data[key] for key in data.files  # the bootstrap's per-group arrays too
+                             if key in ("rank_counts", "rank_log_score_sum") or key.startswith("bootstrap_")}
                 out.setdefault(dataset_dir.name, {})[step] = state
     if not out:
         raise ResultsError(f"no arrays/<dataset>/step_<N>.npz files under {root} (a training run's output_dir holds "
@@ -274,10 +275,12 @@ def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]
     """Numbers for every (dataset, step) state from :func:`load_arrays`, via the core's one implementation.
 
     Returns ``{dataset: {step: {KEYS..., "num_tokens", "p_e", "q_e"}}}`` with Python floats for the scalars
-    and numpy arrays for ``p_e``/``q_e``.
+    and numpy arrays for ``p_e``/``q_e``; states saved with the bootstrap on also give its intervals
+    (``<key>_se``, ``_lo``, ``_hi``, ...: :func:`ce_dynamics.bootstrap.summary_of_state`).
     """
     import torch
 
+    from ce_dynamics.bootstrap import summary_of_state
     from ce_dynamics.functional import decomposition_from_state
 
     out: dict[str, dict[int, dict]] = {}
@@ -288,6 +291,7 @@ def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]
                 torch.from_numpy(np.asarray(state["rank_counts"], dtype=np.int64)),
                 torch.from_numpy(np.asarray(state["rank_log_score_sum"], dtype=np.float64)),
             )
+            result.update(summary_of_state(state))
             out[dataset][step] = {
                 k: (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
             }

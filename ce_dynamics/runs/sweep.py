@@ -23,6 +23,7 @@ require("omegaconf")
 
 from omegaconf import DictConfig
 
+from ce_dynamics.bootstrap import interval_keys
 from ce_dynamics.functional import KEYS
 
 FAMILY = "tiny-neox"
@@ -73,7 +74,7 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
         rows.append({
             "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
             "num_tokens": int(values["num_tokens"]), "non_embedding_params": params,
-            **{k: float(values[k]) for k in KEYS},
+            **{k: float(values[k]) for k in KEYS}, **{k: float(values[k]) for k in interval_keys() if k in values},
         })
     return rows
 
