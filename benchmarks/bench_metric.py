@@ -132,6 +132,7 @@ class PoissonStreaming:
         self.replicates = replicates
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, instance_ids: torch.Tensor) -> None:
+        from ce_dynamics.bootstrap import FIXED_POINT
         from ce_dynamics.functional import token_pass
 
         tokens = token_pass(logits, target)
@@ -143,7 +144,7 @@ class PoissonStreaming:
         w = weights[row_of[tokens.positions]]  # [tokens, B]
         vocab = self.counts.shape[1]
         flat = (torch.arange(self.replicates) * vocab)[None, :] + tokens.ranks[:, None]
-        fixed = (tokens.log_scores.double() * 2.0**32).round().to(torch.int64)
+        fixed = (tokens.log_scores.double() * FIXED_POINT).round().to(torch.int64)
         self.counts.view(-1).index_add_(0, flat.reshape(-1), w.reshape(-1))
         self.sums.view(-1).index_add_(0, flat.reshape(-1), (w * fixed[:, None]).reshape(-1))
 

@@ -3,7 +3,7 @@
 Tokens of one document are correlated, so the unit that is resampled is the eval instance (sequence or
 document), never the token. Each instance is hashed, by its id and a seed, into one of ``K`` groups, and the
 metric keeps the per-rank state of every group (``group_rank_counts`` and ``group_rank_log_score_sum``,
-``[K, V]`` int64, summed like the rest; the log-scores in fixed point, units of ``2**-32`` nats, so that their sums
+``[K, V]`` int64, summed like the rest; the log-scores in fixed point, units of ``2**-24`` nats, so that their sums
 are exact and the same in any order, on any device). At ``compute()`` the groups are resampled with replacement ``B`` times (a
 cluster bootstrap: the groups are independent random sets of instances); each replicate's decomposition comes
 from the summed state of its groups. Nothing depends on batch order, process count or a resume: the group of an
@@ -39,7 +39,9 @@ LEVEL = 0.95
 _HALVES = 16  # random halves averaged for error_entropy_half
 _CHUNK = 32  # replicates decomposed at once (bounds compute()'s temporaries to a few [32, seen ranks] arrays)
 _MASK32 = 0xFFFFFFFF
-FIXED_POINT = 2.0**32  # group log-score sums are int64 in units of 1 / FIXED_POINT nats
+# Group log-score sums are int64 in units of 1 / FIXED_POINT nats: exact sums in any order, and as float64 every
+# weighted sum of them below 2**29 nats (~100 M tokens) is exact too, so replicates do not depend on the order.
+FIXED_POINT = 2.0**24
 _FIXED_LIMIT = 2.0**30  # |log-score| clamp (nats) that keeps a token's fixed-point value far from int64's range
 
 
@@ -97,85 +99,89 @@ def replicate_weights(num_groups: int, replicates: int, seed: int = 0, draws: in
     return weights
 
 
-def decompose_rows(counts: Tensor, sums: Tensor) -> dict[str, Tensor]:
+def decompose_rows(counts: np.ndarray, sums: np.ndarray) -> dict[str, np.ndarray]:
     """The decomposition of each row of ``counts``/``sums`` ``[R, V]`` (float64; the bootstrap's replicates):
-    ``[R]`` tensors for :data:`BOOTSTRAP_KEYS`, plus ``num_tokens`` and ``num_ranks`` (ranks seen). NaN for a
-    row with no token. The same formulas as :func:`ce_dynamics.functional.decomposition_from_state`."""
-    total = counts.sum(1)
-    seen = counts > 0
-    safe_n = counts.where(seen, 1.0)
-    p = counts / total[:, None]
-    log_p = (safe_n.log() - total.log()[:, None]).where(seen, 0.0)
-    log_big_q = (sums / safe_n).where(seen, -math.inf)
-    confidence = torch.logsumexp(log_big_q, 1)
-    log_q = (log_big_q - confidence[:, None]).where(seen, 0.0)
-    error_entropy = -(p * log_p).sum(1)
-    return {
-        "cross_entropy": -sums.sum(1) / total,
-        "error_entropy": error_entropy,
-        "self_alignment": (p * (log_p - log_q)).sum(1),
-        "confidence": confidence,
-        "accuracy": p[:, 0],
-        "num_tokens": total,
-        "num_ranks": seen.sum(1).to(torch.float64),
-    }
+    ``[R]`` arrays for :data:`BOOTSTRAP_KEYS`, plus ``num_tokens`` and ``num_ranks`` (ranks seen); NaN for a row
+    with no token. The formulas of :func:`ce_dynamics.functional.decomposition_from_state`, in numpy: its
+    reductions do not depend on the thread count, so the result is the same in every process."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = counts.sum(1)
+        seen = counts > 0
+        safe_n = np.where(seen, counts, 1.0)
+        p = counts / total[:, None]
+        log_p = np.where(seen, np.log(safe_n) - np.log(total)[:, None], 0.0)
+        log_big_q = np.where(seen, sums / safe_n, -np.inf)
+        top = log_big_q.max(1)
+        top = np.where(np.isfinite(top), top, 0.0)
+        confidence = top + np.log(np.exp(log_big_q - top[:, None]).sum(1))
+        log_q = np.where(seen, log_big_q - confidence[:, None], 0.0)
+        return {
+            "cross_entropy": -sums.sum(1) / total,
+            "error_entropy": -(p * log_p).sum(1),
+            "self_alignment": (p * (log_p - log_q)).sum(1),
+            "confidence": confidence,
+            "accuracy": p[:, 0],
+            "num_tokens": total,
+            "num_ranks": seen.sum(1).astype(np.float64),
+        }
 
 
-def _replicates(counts: Tensor, sums: Tensor, weights: np.ndarray) -> dict[str, Tensor]:
-    """The decomposition of every replicate (rows of ``weights`` over the groups of ``counts``/``sums``)."""
-    parts: list[dict[str, Tensor]] = []
-    w_all = torch.from_numpy(weights).to(device=counts.device, dtype=torch.float64)
-    for lo in range(0, w_all.shape[0], _CHUNK):
-        w = w_all[lo:lo + _CHUNK]
-        parts.append(decompose_rows(w @ counts, w @ sums))
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+def _replicates(counts: np.ndarray, sums: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The decomposition of every replicate (rows of ``weights`` over the groups of ``counts``/``sums``). The
+    weighted sums are exact (integers, and multiples of ``1 / FIXED_POINT`` far below 2**53 of them), so they do
+    not depend on the order the matrix product adds in."""
+    parts = [decompose_rows(w @ counts, w @ sums)
+             for w in np.array_split(weights.astype(np.float64), max(1, -(-len(weights) // _CHUNK)))]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def bootstrap_summary(group_rank_counts: Tensor, group_rank_log_score_sum: Tensor, replicates: int,
-                      seed: int = 0) -> dict[str, Tensor]:
+def _scalar(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def bootstrap_summary(group_rank_counts: Tensor | np.ndarray, group_rank_log_score_sum: Tensor | np.ndarray,
+                      replicates: int, seed: int = 0) -> dict[str, Tensor]:
     """Standard errors, basic 95% intervals, bias-corrected Error-Entropy and the sample-sufficiency readout
     from the per-group state (see the module docstring); 0-dim float64 tensors. Everything, the intervals'
     centres included, comes from the integer group state, so the result is a function of ``(state, replicates,
     seed)`` alone: bit for bit the same however the tokens were batched, split across processes or resumed
-    (the centres equal the metric's point estimates up to the fixed point's ``2**-32`` nats per token)."""
-    gc = torch.as_tensor(group_rank_counts)
-    gs = torch.as_tensor(group_rank_log_score_sum).to(device=gc.device, dtype=torch.float64) / FIXED_POINT
-    if gc.dim() != 2 or gs.shape != gc.shape:
-        raise ValueError(f"Expected per-group state of shape [K, V], got {tuple(gc.shape)} and {tuple(gs.shape)}.")
+    (the centres equal the metric's point estimates up to the fixed point's rounding, ``2**-25`` nats a token)."""
+    gc = np.asarray(torch.as_tensor(group_rank_counts).cpu())
+    gs = np.asarray(torch.as_tensor(group_rank_log_score_sum).cpu())
+    if gc.ndim != 2 or gs.shape != gc.shape:
+        raise ValueError(f"Expected per-group state of shape [K, V], got {gc.shape} and {gs.shape}.")
     num_groups = gc.shape[0]
-    columns = (gc.sum(0) > 0).nonzero().squeeze(1)  # ranks never seen add nothing to any replicate
-    if columns.numel() and int(columns[0]) != 0:  # keep rank 0 for accuracy
-        columns = torch.cat([torch.zeros(1, dtype=columns.dtype, device=columns.device), columns])
-    counts = gc[:, columns].to(torch.float64)
-    sums = gs[:, columns]
-    whole = decompose_rows(counts.sum(0, keepdim=True), sums.sum(0, keepdim=True))
-    point_values = {key: float(whole[key][0]) for key in BOOTSTRAP_KEYS}
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    out = {key: nan.clone() for key in interval_keys()}
+    columns = np.flatnonzero(gc.sum(0) > 0)  # ranks never seen add nothing to any replicate
+    if columns.size and columns[0] != 0:  # keep rank 0 for accuracy
+        columns = np.concatenate([[0], columns])
+    counts = gc[:, columns].astype(np.float64)
+    sums = gs[:, columns].astype(np.float64) / FIXED_POINT
+    whole = decompose_rows(counts.sum(0, keepdims=True), sums.sum(0, keepdims=True))
+    point = {key: float(whole[key][0]) for key in BOOTSTRAP_KEYS}
+    out = {key: _scalar(math.nan) for key in interval_keys()}
     total = float(whole["num_tokens"][0])
     if total > 0:
-        out["error_entropy_mm"] = torch.tensor(point_values["error_entropy"]
-                                               + (float(whole["num_ranks"][0]) - 1) / (2 * total))
+        out["error_entropy_mm"] = _scalar(point["error_entropy"] + (float(whole["num_ranks"][0]) - 1) / (2 * total))
     if replicates < 2 or total == 0:
         return out
     reps = _replicates(counts, sums, replicate_weights(num_groups, replicates, seed))
     alpha = (1 - LEVEL) / 2
     for key in BOOTSTRAP_KEYS:
-        values = reps[key][torch.isfinite(reps[key])].cpu().numpy()
+        values = reps[key][np.isfinite(reps[key])]
         if values.size < 2:
             continue
-        x = point_values[key]
+        x = point[key]
         q_lo, q_hi = np.quantile(values, [alpha, 1 - alpha])
-        out[f"{key}_se"] = torch.tensor(float(values.std(ddof=1)), dtype=torch.float64)
-        out[f"{key}_lo"] = torch.tensor(2 * x - float(q_hi), dtype=torch.float64)
-        out[f"{key}_hi"] = torch.tensor(2 * x - float(q_lo), dtype=torch.float64)
+        out[f"{key}_se"] = _scalar(float(values.std(ddof=1)))
+        out[f"{key}_lo"] = _scalar(2 * x - float(q_hi))
+        out[f"{key}_hi"] = _scalar(2 * x - float(q_lo))
         if key == "error_entropy":
-            out["error_entropy_bc"] = torch.tensor(2 * x - float(values.mean()), dtype=torch.float64)
+            out["error_entropy_bc"] = _scalar(2 * x - float(values.mean()))
     out.update(_half_readout(counts, sums, replicates, seed))
     return out
 
 
-def _half_readout(counts: Tensor, sums: Tensor, replicates: int, seed: int) -> dict[str, Tensor]:
+def _half_readout(counts: np.ndarray, sums: np.ndarray, replicates: int, seed: int) -> dict[str, Tensor]:
     """Error-Entropy from half the groups (mean over random halves) and its bootstrap standard error there."""
     num_groups = counts.shape[0]
     half = num_groups // 2
@@ -185,13 +191,13 @@ def _half_readout(counts: Tensor, sums: Tensor, replicates: int, seed: int) -> d
     masks = np.zeros((_HALVES, num_groups))
     for row in masks:
         row[rng.permutation(num_groups)[:half]] = 1.0
-    m = torch.from_numpy(masks).to(device=counts.device)
-    halves = decompose_rows(m @ counts, m @ sums)["error_entropy"]
-    chosen = torch.from_numpy(np.flatnonzero(masks[0])).to(counts.device)
+    halves = decompose_rows(masks @ counts, masks @ sums)["error_entropy"]
+    chosen = np.flatnonzero(masks[0])
     reps = _replicates(counts[chosen], sums[chosen], replicate_weights(half, replicates, seed))["error_entropy"]
-    reps = reps[torch.isfinite(reps)]
-    return {"error_entropy_half": halves[torch.isfinite(halves)].mean(),
-            "error_entropy_half_se": reps.std() if reps.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64)}
+    reps = reps[np.isfinite(reps)]
+    halves = halves[np.isfinite(halves)]
+    return {"error_entropy_half": _scalar(float(halves.mean()) if halves.size else math.nan),
+            "error_entropy_half_se": _scalar(float(reps.std(ddof=1)) if reps.size > 1 else math.nan)}
 
 
 # --------------------------------------------------------------------------------- saved form (npz)
