@@ -147,19 +147,20 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError(
                 f"Expected `logits` of shape [..., {self.vocab_size}] (vocab_size), got {tuple(logits.shape)}."
             )
+        groups = (self._row_groups(target, instance_ids) if self.bootstrap and isinstance(target, Tensor)
+                  else None)  # checked before any state is touched
         if is_dtensor(logits):  # vocab-sharded: per-token numbers all-reduced, the vocabulary never gathered
             ranks, log_scores = token_ranks_and_log_scores_sharded(logits, target, self.ignore_index)
             device = self.rank_counts.device
             accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
-            self._accumulate_kept_groups(ranks, log_scores, target, instance_ids)
+            self._accumulate_kept_groups(ranks, log_scores, target, groups)
             return
         tokens = token_pass(logits, target, self.ignore_index, self.num_threads, self.backend, self.validate_args)
         if self.validate_args and self.nan_strategy == "error":
             raise_if_nonfinite(tokens)
         self.nonfinite_tokens += accumulate_tokens(tokens, self.rank_counts, self.rank_log_score_sum)
         self.out_of_range_targets += tokens.out_of_range.to(self.out_of_range_targets.device)
-        if self.bootstrap:
-            groups = self._row_groups(target, instance_ids)
+        if groups is not None:
             if tokens.positions is not None:
                 groups = groups[tokens.positions.to(groups.device)]
             use = torch.isfinite(tokens.log_scores)
@@ -193,11 +194,10 @@ class CrossEntropyDecomposition(Metric):
         return _bootstrap.instance_groups(ids, self.bootstrap_groups, self.bootstrap_seed)
 
     def _accumulate_kept_groups(self, ranks: Tensor, log_scores: Tensor, target: Tensor,
-                                instance_ids: Tensor | None) -> None:
+                                groups: Tensor | None) -> None:
         """Per-group state of the tokens a path that returns only the non-ignored positions scored."""
-        if not self.bootstrap:
+        if groups is None:
             return
-        groups = self._row_groups(target, instance_ids)
         groups = groups[target.reshape(-1).to(groups.device) != self.ignore_index]
         _bootstrap.accumulate_groups(ranks, log_scores, groups, None, self.group_rank_counts,
                                      self.group_rank_log_score_sum)
@@ -216,12 +216,14 @@ class CrossEntropyDecomposition(Metric):
             raise ValueError(
                 f"Expected `weight` of shape [{self.vocab_size}, H] (vocab_size rows), got {tuple(weight.shape)}."
             )
+        groups = (self._row_groups(target, instance_ids) if self.bootstrap and isinstance(target, Tensor)
+                  else None)  # checked before any state is touched
         ranks, log_scores = token_ranks_and_log_scores_from_hidden(
             hidden, weight, target, bias, self.ignore_index, self.num_threads
         )
         device = self.rank_counts.device
         accumulate_state(ranks.to(device), log_scores.to(device), self.rank_counts, self.rank_log_score_sum)
-        self._accumulate_kept_groups(ranks, log_scores, target, instance_ids)
+        self._accumulate_kept_groups(ranks, log_scores, target, groups)
 
     def compute(self) -> dict[str, Tensor]:
         """The decomposition of everything accumulated (NaNs, with a warning, before any token), with
