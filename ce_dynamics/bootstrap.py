@@ -140,12 +140,15 @@ def _scalar(value: float) -> Tensor:
 
 
 def bootstrap_summary(group_rank_counts: Tensor | np.ndarray, group_rank_log_score_sum: Tensor | np.ndarray,
-                      replicates: int, seed: int = 0) -> dict[str, Tensor]:
+                      replicates: int, seed: int = 0, keep_replicates: bool = False) -> dict[str, Any]:
     """Standard errors, basic 95% intervals, bias-corrected Error-Entropy and the sample-sufficiency readout
     from the per-group state (see the module docstring); 0-dim float64 tensors. Everything, the intervals'
     centres included, comes from the integer group state, so the result is a function of ``(state, replicates,
     seed)`` alone: bit for bit the same however the tokens were batched, split across processes or resumed
-    (the centres equal the metric's point estimates up to the fixed point's rounding, ``2**-25`` nats a token)."""
+    (the centres equal the metric's point estimates up to the fixed point's rounding, ``2**-25`` nats a token).
+    ``keep_replicates``: also ``"replicates"``, ``{key: [B] array}`` of :data:`BOOTSTRAP_KEYS`: replicate ``b``
+    draws the same groups for every state with the same ``(K, B, seed)``, so the replicates of models scored on
+    the same instances are paired (what :mod:`ce_dynamics.analysis.uncertainty` fits)."""
     gc = np.asarray(torch.as_tensor(group_rank_counts).cpu())
     gs = np.asarray(torch.as_tensor(group_rank_log_score_sum).cpu())
     if gc.ndim != 2 or gs.shape != gc.shape:
@@ -165,6 +168,8 @@ def bootstrap_summary(group_rank_counts: Tensor | np.ndarray, group_rank_log_sco
     if replicates < 2 or total == 0:
         return out
     reps = _replicates(counts, sums, replicate_weights(num_groups, replicates, seed))
+    if keep_replicates:
+        out["replicates"] = {key: reps[key] for key in BOOTSTRAP_KEYS}
     alpha = (1 - LEVEL) / 2
     for key in BOOTSTRAP_KEYS:
         values = reps[key][np.isfinite(reps[key])]
@@ -239,10 +244,21 @@ def unpack_group_state(state: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None
     return counts.reshape(shape), sums.reshape(shape)
 
 
-def summary_of_state(state: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The bootstrap keys of a saved (or packed) state, recomputed exactly from its arrays; {} without them."""
+def summary_of_state(state: Mapping[str, Any], keep_replicates: bool = False) -> dict[str, Any]:
+    """The bootstrap keys of a saved (or packed) state, recomputed exactly from its arrays; {} without them.
+    ``keep_replicates``: see :func:`bootstrap_summary`."""
     groups = unpack_group_state(state)
     if groups is None or int(np.asarray(state.get("bootstrap_replicates", 0))) < 1:
         return {}
     return bootstrap_summary(*groups, int(np.asarray(state["bootstrap_replicates"])),
-                             int(np.asarray(state.get("bootstrap_seed", 0))))
+                             int(np.asarray(state.get("bootstrap_seed", 0))), keep_replicates)
+
+
+def replicates_field(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"replicates": {key: [B floats]}}`` for a results row (9 significant digits), from a dict that
+    :func:`summary_of_state` filled with ``keep_replicates``; {} when it has none."""
+    reps = results.get("replicates")
+    if not reps:
+        return {}
+    return {"replicates": {key: [float(f"{v:.9g}") for v in np.asarray(values).tolist()]
+                           for key, values in reps.items()}}

@@ -22,7 +22,8 @@ from ce_dynamics.functional import KEYS
 
 RESULT_FIELDS = ("model", "revision", "step", "dataset", "num_tokens", "non_embedding_params", *KEYS)
 # With the bootstrap on (replay's and the sweep's default), rows also hold its keys: <key>_se, <key>_lo, <key>_hi
-# for ce_dynamics.bootstrap.BOOTSTRAP_KEYS, error_entropy_mm/_bc/_half/_half_se (ce_dynamics.bootstrap.interval_keys).
+# for ce_dynamics.bootstrap.BOOTSTRAP_KEYS, error_entropy_mm/_bc/_half/_half_se (ce_dynamics.bootstrap.interval_keys),
+# and "replicates": {key: [B values]}, the bootstrap replicates, paired across models (same instances, same draws).
 
 
 class ResultsError(ValueError):

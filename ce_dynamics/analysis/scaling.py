@@ -291,9 +291,9 @@ def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]
                 torch.from_numpy(np.asarray(state["rank_counts"], dtype=np.int64)),
                 torch.from_numpy(np.asarray(state["rank_log_score_sum"], dtype=np.float64)),
             )
-            result.update(summary_of_state(state))
+            result.update(summary_of_state(state, keep_replicates=True))
             out[dataset][step] = {
-                k: (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
+                k: v if k == "replicates" else (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
             }
     return out
 

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ce_dynamics.lightning import sinks
 from ce_dynamics.files import save_state
 from ce_dynamics._rows import in_callers_inference_mode
-from ce_dynamics.bootstrap import DEFAULT_REPLICATES as DEFAULT_BOOTSTRAP
+from ce_dynamics.bootstrap import DEFAULT_REPLICATES as DEFAULT_BOOTSTRAP, replicates_field
 from ce_dynamics.functional import KEYS
 from ce_dynamics.metric import CrossEntropyDecomposition
 
@@ -278,7 +278,8 @@ class CEDecompositionCallback(Callback):
         results = {name: sinks.results_of(state) for name, state in by_name.items()}
         self.last_results = {
             name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]),
-                   "nonfinite_tokens": int(out["nonfinite_tokens"]), **sinks.bpb_of(out), **sinks.intervals_of(out)}
+                   "nonfinite_tokens": int(out["nonfinite_tokens"]), **sinks.bpb_of(out), **sinks.intervals_of(out),
+                   **replicates_field(out)}
             for name, out in results.items()
         }
         nonfinite = {name: n["nonfinite_tokens"] for name, n in self.last_results.items() if n["nonfinite_tokens"]}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from ce_dynamics.bootstrap import interval_keys, summary_of_state
+from ce_dynamics.bootstrap import interval_keys, replicates_field, summary_of_state
 from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.files import load_state, saved_steps, state_path
@@ -45,7 +45,7 @@ def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
     intervals, recomputed from the state's per-group arrays, when it has them)."""
     out = decomposition_from_state(torch.as_tensor(state["rank_counts"]), torch.as_tensor(state["rank_log_score_sum"]),
                                    int(state.get("nonfinite_tokens", 0)))
-    out.update(summary_of_state(state))
+    out.update(summary_of_state(state, keep_replicates=True))
     for key, kind in (("loss", float), ("num_bytes", int)):
         if key in state:
             out[key] = kind(state[key])

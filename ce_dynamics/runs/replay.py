@@ -244,7 +244,7 @@ class _ModelWalk:
              "step": ckpt.step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
              "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
              **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
-             **{key: v for key, v in callback.last_results[name].items() if key in interval_keys()},
+             **{key: v for key, v in callback.last_results[name].items() if key in (*interval_keys(), "replicates")},
              "num_bytes": data.eval_bytes.get(name), "eval_hash": data.eval_hashes.get(name)}
             for name in names
         ]

@@ -23,7 +23,7 @@ require("omegaconf")
 
 from omegaconf import DictConfig
 
-from ce_dynamics.bootstrap import interval_keys
+from ce_dynamics.bootstrap import interval_keys, replicates_field
 from ce_dynamics.functional import KEYS
 
 FAMILY = "tiny-neox"
@@ -75,6 +75,7 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
             "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
             "num_tokens": int(values["num_tokens"]), "non_embedding_params": params,
             **{k: float(values[k]) for k in KEYS}, **{k: float(values[k]) for k in interval_keys() if k in values},
+            **replicates_field(values),
         })
     return rows
 
