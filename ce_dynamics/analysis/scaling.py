@@ -308,6 +308,18 @@ def fit_groups(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[s
     ``rows`` must hold one row per (model, dataset) (see :func:`select_final`). Raises ``ResultsError``
     when no group has enough models, naming how many each family has.
     """
+    fits: dict[str, dict[str, dict[str, PowerLawFit]]] = {}
+    for group, per_dataset in group_rows(rows, min_models).items():
+        fits[group] = {}
+        for dataset, subset in per_dataset.items():
+            x = [r["non_embedding_params"] for r in subset]
+            fits[group][dataset] = {c: _fit_or_raise(x, [r[c] for r in subset], group, dataset, c) for c in COMPONENTS}
+    return fits
+
+
+def group_rows(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[str, list[Mapping]]]:
+    """The rows of each fit of :func:`fit_groups`: ``{group: {dataset: rows}}`` (families with ``>= min_models``
+    models, then "All" when there are several); ``ResultsError`` when no group has enough models."""
     if min_models < 2:
         raise ValueError(f"min_models must be >= 2, got {min_models}")
     rows = list(rows)
@@ -323,16 +335,14 @@ def fit_groups(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[s
             f"too few models for a power-law fit: need at least {min_models} models of distinct size in a "
             f"family (models per family: {counts})"
         )
-    fits: dict[str, dict[str, dict[str, PowerLawFit]]] = {}
-    for group, group_rows in groups.items():
-        fits[group] = {}
-        for dataset in dataset_order(group_rows):
-            subset = [r for r in group_rows if r["dataset"] == dataset]
-            if _num_models(subset) < min_models:
-                continue
-            x = [r["non_embedding_params"] for r in subset]
-            fits[group][dataset] = {c: _fit_or_raise(x, [r[c] for r in subset], group, dataset, c) for c in COMPONENTS}
-    return fits
+    out: dict[str, dict[str, list[Mapping]]] = {}
+    for group, members in groups.items():
+        out[group] = {}
+        for dataset in dataset_order(members):
+            subset = [r for r in members if r["dataset"] == dataset]
+            if _num_models(subset) >= min_models:
+                out[group][dataset] = subset
+    return out
 
 
 def dataset_order(rows: Iterable[Mapping]) -> list[str]:
