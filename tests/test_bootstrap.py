@@ -209,3 +209,14 @@ def test_ddp_two_processes_give_bit_identical_intervals_to_one_process(tmp_path:
     a, b = (load_state(tmp_path / f"devices{d}" / "arrays" / "alpha" / "step_0.npz") for d in (1, 2))
     for key in ("bootstrap_index", "bootstrap_counts", "bootstrap_log_score_sum"):
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_bootstrap_update_reads_no_value_back_without_validate_args() -> None:
+    # Meta tensors have no data: any host read (.item(), bool(), nonzero) fails on them. Off CPU the torch backend
+    # takes the GPU's path (every row, masks), so this checks the GPU path keeps no host synchronisation.
+    metric = CrossEntropyDecomposition(V, validate_args=False, nan_strategy="ignore", bootstrap=20).to("meta")
+    logits = torch.empty(3, 6, V, device="meta", dtype=torch.bfloat16)
+    target = torch.empty(3, 6, device="meta", dtype=torch.int64)
+    metric.update(logits, target, torch.empty(3, device="meta", dtype=torch.int64))
+    metric.update(logits[:, :-1], target[:, 1:], torch.empty(3, 5, device="meta", dtype=torch.int64))
+    assert metric.group_rank_counts.device.type == "meta" and metric.group_rank_counts.shape == (64, V)
