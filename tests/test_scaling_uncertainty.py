@@ -131,3 +131,26 @@ def test_the_cli_prints_the_verdicts_and_draws_the_extrapolation(tmp_path, capsy
     assert (tmp_path / "figs" / "holdout.png").stat().st_size > 10_000
     assert report.main([str(path), "--holdout", "3", "--no-figures"]) == 2  # 4 models cannot hold out 3
     assert "--holdout 3" in capsys.readouterr().err
+
+
+def test_figures_draw_bands_and_error_bars_only_where_the_numbers_have_intervals() -> None:
+    from matplotlib.collections import PolyCollection
+
+    from ce_dynamics.analysis.figures import plot_components_vs_step, plot_scaling_law
+
+    def numbers(with_band: bool) -> dict:
+        steps = {}
+        for i, s in enumerate((0, 4, 16)):
+            values = {c: 1.0 + i + j for j, c in enumerate(COMPONENTS)}
+            band = {f"{c}{sfx}": v + d for c, v in values.items() for sfx, d in (("_lo", -0.1), ("_hi", 0.1))}
+            steps[s] = {**values, **(band if with_band else {})}
+        return {"code": steps}
+
+    for with_band, bands in ((True, len(COMPONENTS)), (False, 0)):
+        ax = plot_components_vs_step(numbers(with_band)).axes[0]
+        assert sum(isinstance(c, PolyCollection) for c in ax.collections) == bands
+    rows = four_models()
+    with_bars = [{**r, **{f"{c}_lo": r[c] - 0.01 for c in COMPONENTS}, **{f"{c}_hi": r[c] + 0.01 for c in COMPONENTS}}
+                 for r in rows]
+    assert all(len(ax.containers) == 1 for ax in plot_scaling_law(with_bars).axes)
+    assert all(len(ax.containers) == 0 for ax in plot_scaling_law(rows).axes)
