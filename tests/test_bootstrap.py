@@ -220,3 +220,20 @@ def test_the_bootstrap_update_reads_no_value_back_without_validate_args() -> Non
     metric.update(logits, target, torch.empty(3, device="meta", dtype=torch.int64))
     metric.update(logits[:, :-1], target[:, 1:], torch.empty(3, 5, device="meta", dtype=torch.int64))
     assert metric.group_rank_counts.device.type == "meta" and metric.group_rank_counts.shape == (64, V)
+
+
+def test_sample_sufficiency_readout_moves_as_half_the_instances_should() -> None:
+    # 400 documents: the plug-in EE of half of them is lower (entropy is concave: the whole is the mixture of its
+    # halves), and the standard error at half the instances is about sqrt(2) times the full one.
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(400, 8, V, generator=g) * 2
+    target = torch.randint(0, V, (400, 8), generator=g)
+    # documents of different difficulty (the right token's logit raised by 0 to 4): a skewed p_e, far from the
+    # uniform one, where EE's sampling error is first-order (near uniform it scales like 1/N, not 1/sqrt(N))
+    logits.scatter_add_(2, target[..., None], torch.rand(400, 1, 1, generator=g).expand(400, 8, 1) * 4)
+    metric = CrossEntropyDecomposition(V, bootstrap=200)
+    metric.update(logits, target, torch.arange(400))
+    out = metric.compute()
+    assert float(out["error_entropy_half"]) < float(out["error_entropy"])
+    assert 1.1 < float(out["error_entropy_half_se"]) / float(out["error_entropy_se"]) < 2.0
+    assert float(out["error_entropy_mm"]) > float(out["error_entropy"])
