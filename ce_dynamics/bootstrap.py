@@ -153,6 +153,9 @@ def bootstrap_summary(group_rank_counts: Tensor | np.ndarray, group_rank_log_sco
     gs = np.asarray(torch.as_tensor(group_rank_log_score_sum).cpu())
     if gc.ndim != 2 or gs.shape != gc.shape:
         raise ValueError(f"Expected per-group state of shape [K, V], got {gc.shape} and {gs.shape}.")
+    out = {key: _scalar(math.nan) for key in interval_keys()}
+    if not gc.any():  # no token (e.g. every one non-finite): NaNs, as the point estimates
+        return out
     num_groups = gc.shape[0]
     columns = np.flatnonzero(gc.sum(0) > 0)  # ranks never seen add nothing to any replicate
     if columns.size and columns[0] != 0:  # keep rank 0 for accuracy
@@ -161,11 +164,9 @@ def bootstrap_summary(group_rank_counts: Tensor | np.ndarray, group_rank_log_sco
     sums = gs[:, columns].astype(np.float64) / FIXED_POINT
     whole = decompose_rows(counts.sum(0, keepdims=True), sums.sum(0, keepdims=True))
     point = {key: float(whole[key][0]) for key in BOOTSTRAP_KEYS}
-    out = {key: _scalar(math.nan) for key in interval_keys()}
     total = float(whole["num_tokens"][0])
-    if total > 0:
-        out["error_entropy_mm"] = _scalar(point["error_entropy"] + (float(whole["num_ranks"][0]) - 1) / (2 * total))
-    if replicates < 2 or total == 0:
+    out["error_entropy_mm"] = _scalar(point["error_entropy"] + (float(whole["num_ranks"][0]) - 1) / (2 * total))
+    if replicates < 2:
         return out
     reps = _replicates(counts, sums, replicate_weights(num_groups, replicates, seed))
     if keep_replicates:

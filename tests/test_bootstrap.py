@@ -5,6 +5,7 @@ processes) or a round trip through the saved state."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -237,3 +238,11 @@ def test_sample_sufficiency_readout_moves_as_half_the_instances_should() -> None
     assert float(out["error_entropy_half"]) < float(out["error_entropy"])
     assert 1.1 < float(out["error_entropy_half_se"]) / float(out["error_entropy_se"]) < 2.0
     assert float(out["error_entropy_mm"]) > float(out["error_entropy"])
+
+
+def test_no_finite_token_gives_nan_intervals_not_an_error() -> None:
+    metric = CrossEntropyDecomposition(V, nan_strategy="ignore", bootstrap=20)
+    metric.update(torch.full((2, 3, V), float("nan")), torch.zeros(2, 3, dtype=torch.int64), torch.arange(2))
+    with pytest.warns(UserWarning, match="No tokens"):
+        out = metric.compute()
+    assert all(math.isnan(float(out[key])) for key in interval_keys())
