@@ -3,12 +3,12 @@
 Tokens of one document are correlated, so the unit that is resampled is the eval instance (sequence or
 document), never the token. Each instance is hashed, by its id and a seed, into one of ``K`` groups, and the
 metric keeps the per-rank state of every group (``group_rank_counts`` and ``group_rank_log_score_sum``,
-``[K, V]`` int64, summed like the rest; the log-scores in fixed point, units of ``2**-24`` nats, so that their sums
-are exact and the same in any order, on any device). At ``compute()`` the groups are resampled with replacement ``B`` times (a
-cluster bootstrap: the groups are independent random sets of instances); each replicate's decomposition comes
-from the summed state of its groups. Nothing depends on batch order, process count or a resume: the group of an
-instance is a pure function of ``(seed, instance id)``, the state is a sum, and the replicate draws come from
-the seed alone.
+``[K, V]`` int64, summed like the rest; the log-scores in fixed point, units of ``2**-24`` nats, so that their
+sums are exact and the same in any order, on any device). At ``compute()`` the groups are resampled with
+replacement ``B`` times (a cluster bootstrap: the groups are independent random sets of instances); each
+replicate's decomposition comes from the summed state of its groups. Nothing depends on batch order, process
+count or a resume: the group of an instance is a pure function of ``(seed, instance id)``, the state is a sum,
+and the replicate draws come from the seed alone.
 
 Reported per key (``cross_entropy``, ``error_entropy``, ``self_alignment``, ``confidence``, ``accuracy``):
 ``<key>_se`` (the replicates' standard deviation) and the basic ("reverse percentile") 95% interval

@@ -232,7 +232,8 @@ def plot_holdout(results: Sequence, unit: str = "nats") -> Figure:
             ax = axes[i][j]
             ax.scatter(h.train_sizes, np.abs(h.train_values[comp]), color=COLORS[comp], s=24, label="fitted on")
             fit = fit_power_law(h.train_sizes, h.train_values[comp])
-            ax.plot(x_all, fit.predict(x_all), "--", color=COLORS[comp], lw=1.2, label=f"law, $\\alpha$={fit.alpha:.3f}")
+            ax.plot(x_all, fit.predict(x_all), "--", color=COLORS[comp], lw=1.2,
+                    label=f"law, $\\alpha$={fit.alpha:.3f}")
             ax.scatter(h.test_sizes, np.abs(h.actual[comp]), facecolors="none", edgecolors=COLORS[comp], s=40,
                        label="held out")
             keys = ("ce_direct", "ce_assembled") if comp == "cross_entropy" else (comp,)

@@ -97,7 +97,8 @@ def holdout(rows: Iterable[Mapping], k: int, min_models: int = 3) -> list[Holdou
                 draws = {key: np.full(0, np.nan) for key in errors}
             out.append(Holdout(
                 group, dataset, x[train].tolist(), x[test].tolist(),
-                {c: point[c][0, train].tolist() for c in COMPONENTS}, {c: point[c][0, test].tolist() for c in COMPONENTS},
+                {c: point[c][0, train].tolist() for c in COMPONENTS},
+                {c: point[c][0, test].tolist() for c in COMPONENTS},
                 {key: p[0].tolist() for key, p in preds.items()},
                 {key: interval(float(errors[key][0]), draws[key]) for key in PREDICTIONS},
                 interval(float(errors["ce_direct"][0] - errors["ce_assembled"][0]),
