@@ -71,3 +71,12 @@ def test_hf_evaluate_gives_eval_key_se_lo_hi_as_the_metric_over_the_same_rows(tm
             assert metrics[f"eval_{key}"] == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
         saved = load_state(tmp_path / str(batch_eval_metrics) / "out" / "arrays" / "eval" / "step_0.npz")
         np.testing.assert_array_equal(saved["bootstrap_counts"], metric.bootstrap_state()["bootstrap_counts"])
+
+
+@pytest.mark.parametrize("value", ["1", "-3", "true", "2.5"])
+def test_eval_bootstrap_config_refuses_what_is_not_0_or_at_least_2_replicates(value):
+    from ce_dynamics.runs.config import ConfigError, load_config
+
+    assert load_config([]).eval.bootstrap == 200 and load_config(["eval.bootstrap=0"]).eval.bootstrap == 0
+    with pytest.raises(ConfigError, match="eval.bootstrap.*0 \\(off\\) or an integer >= 2"):
+        load_config([f"eval.bootstrap={value}"])
