@@ -63,7 +63,8 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
     """Rows (one per eval set) from the member's saved state at its last step, via the core's math."""
     from ce_dynamics.analysis.scaling import decompose_arrays, load_arrays
 
-    numbers = decompose_arrays(load_arrays(cfg.output_dir))
+    arrays = load_arrays(cfg.output_dir)
+    numbers = decompose_arrays({d: {max(steps): steps[max(steps)]} for d, steps in arrays.items()})  # the last only
     rows = []
     for dataset in cfg.data.eval_sets:
         step = max(numbers[dataset])
