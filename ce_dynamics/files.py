@@ -21,6 +21,9 @@ import numpy as np
 from ce_dynamics.functional import KEYS
 
 RESULT_FIELDS = ("model", "revision", "step", "dataset", "num_tokens", "non_embedding_params", *KEYS)
+# With the bootstrap on (replay's and the sweep's default), rows also hold its keys: <key>_se, <key>_lo, <key>_hi
+# for ce_dynamics.bootstrap.BOOTSTRAP_KEYS, error_entropy_mm/_bc/_half/_half_se (ce_dynamics.bootstrap.interval_keys),
+# and "replicates": {key: [B values]}, the bootstrap replicates, paired across models (same instances, same draws).
 
 
 class ResultsError(ValueError):
@@ -113,7 +116,7 @@ def save_state(root: str | os.PathLike, name: str, step: int, state: Mapping[str
     arrays = {key: value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
               for key, value in state.items()}
     with atomic_open(state_path(root, name, step)) as handle:
-        np.savez(handle, **arrays)
+        np.savez_compressed(handle, **arrays)  # the per-group bootstrap state is mostly zeros
 
 
 def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -93,6 +93,9 @@ def csv_rows(out: Path, marker: str = "decomp/code/cross_entropy") -> list[dict]
 SCALARS = [f"decomp/{n}/{k}" for n in NAMES for k in ("cross_entropy", "error_entropy", "self_alignment",
                                                       "confidence", "accuracy", "mean_reciprocal_rank",
                                                       "nonfinite_tokens")] + [f"val/loss/{n}" for n in NAMES]
+# The bootstrap's intervals (on by default): bit-identical after kills and resumes, as the point estimates.
+SCALARS += [f"decomp/{n}/{k}{s}" for n in NAMES for k in ("cross_entropy", "error_entropy", "self_alignment",
+                                                        "confidence", "accuracy") for s in ("_se", "_lo", "_hi")]
 
 
 def by_step(rows: list[dict], step_key: str) -> dict[int, dict]:
@@ -121,6 +124,8 @@ def assert_same_record(out: Path, ref: Path, steps: list[int], step_key: str = "
             a, b = (np.load(d / "arrays" / name / f"step_{step}.npz") for d in (out, ref))
             assert np.array_equal(a["rank_counts"], b["rank_counts"])
             assert np.array_equal(a["rank_log_score_sum"], b["rank_log_score_sum"])
+            for key in ("bootstrap_index", "bootstrap_counts", "bootstrap_log_score_sum"):
+                assert np.array_equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")

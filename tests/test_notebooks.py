@@ -132,7 +132,16 @@ def test_tiny_scaling_sweep_feeds_the_cli(scaling_results: Path, capsys) -> None
     for r in rows:
         assert r["cross_entropy"] == pytest.approx(r["error_entropy"] + r["self_alignment"] - r["confidence"], abs=1e-9)
     assert report.main([str(scaling_results), "--no-figures"]) == 0
-    assert capsys.readouterr().out.splitlines()[2].split()[0] == "tiny-neox"
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].split()[0] == "tiny-neox"
+    # the bootstrap's paired replicates reach the rows, and the table says which law is better and if beyond noise
+    assert all(len(r["replicates"]["error_entropy"]) == 200 and r["error_entropy_lo"] < r["error_entropy_hi"]
+               for r in rows)
+    verdicts = [line for line in out.splitlines() if line.strip().startswith("R^2(EE) - R^2(CE) =")]
+    assert len(verdicts) == 2 and all(v.endswith(("within the noise", "outside the noise")) for v in verdicts)
+    assert out.count("best law by R^2:") == 2
+    assert report.main([str(scaling_results), "--no-figures", "--holdout", "1"]) == 0
+    assert "error(CE direct) - error(CE assembled)" in capsys.readouterr().out
 
 
 def test_scaling_law_notebook(replay_results: Path) -> None:

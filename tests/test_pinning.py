@@ -132,7 +132,8 @@ def test_prepare_prints_the_pins_and_the_datamodule_reads_them(tmp_path: Path, t
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"][:seq_len]  # one instance per document
         assert row[: len(ids)].tolist() == ids and mask.tolist() == [1] * len(ids) + [0] * (seq_len - len(ids))
     batch = next(iter(dm.val_dataloader()[0]))
-    assert set(batch) == {"input_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "instance_ids"}  # the id: the instance's index in its set
+    assert batch["instance_ids"].tolist() == list(range(len(batch["input_ids"])))
 
 
 def test_padding_of_short_documents_is_not_scored(tokenizer) -> None:

@@ -56,10 +56,15 @@ def wandb_history(model_dir: Path) -> list[dict]:
 
 
 def check_row(row: dict) -> None:
+    from ce_dynamics.bootstrap import BOOTSTRAP_KEYS, interval_keys
     from ce_dynamics.bpb import BPB_KEYS
 
     assert set(RESULT_FIELDS) <= set(row) and set(row) - set(RESULT_FIELDS) <= {"family", "num_bytes", "eval_hash",
-                                                                                  "commit", *BPB_KEYS}
+                                                                                  "commit", *BPB_KEYS, *interval_keys(),
+                                                                                  "replicates"}
+    # the bootstrap is on by default in replay: every row carries its intervals and the paired replicates
+    assert all(row[f"{k}_lo"] < row[f"{k}_hi"] for k in BOOTSTRAP_KEYS if k != "accuracy" or row[f"{k}_se"] > 0)
+    assert {len(v) for v in row["replicates"].values()} == {200}
     assert row["revision"] == f"step{row['step']}"
     assert row["num_tokens"] == TOKENS_PER_SET
     ce, ee, sa, conf = (row[k] for k in ("cross_entropy", "error_entropy", "self_alignment", "confidence"))

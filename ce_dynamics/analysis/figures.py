@@ -63,6 +63,10 @@ def plot_components_vs_step(numbers: Mapping[str, Mapping[int, Mapping[str, floa
             values = [float(numbers[dataset][s][comp]) for s in steps]
             ax.plot(steps, values, marker="o", ms=3, color=COLORS[comp],
                     label=f"{LONG_NAMES[comp]} ({SHORT_NAMES[comp]})")
+            if all(f"{comp}_lo" in numbers[dataset][s] for s in steps):  # the bootstrap's 95% band
+                ax.fill_between(steps, [float(numbers[dataset][s][f"{comp}_lo"]) for s in steps],
+                                [float(numbers[dataset][s][f"{comp}_hi"]) for s in steps], color=COLORS[comp],
+                                alpha=0.2, lw=0)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlim(left=0)
         ax.set_xlabel("training step (log scale)")
@@ -142,6 +146,7 @@ def plot_scaling_law(
                 if pts:
                     ax.scatter([r["non_embedding_params"] for r in pts], [abs(r[comp]) for r in pts],
                                marker=_MARKERS[k % len(_MARKERS)], s=28, color=f"C{k}", label=family, zorder=3)
+                    _error_bars(ax, pts, comp, f"C{k}")
             if fit_group is not None:
                 fit = fits[fit_group][dataset][comp]
                 x = np.geomspace(subset[0]["non_embedding_params"], subset[-1]["non_embedding_params"], 50)
@@ -210,6 +215,58 @@ def save_scaling_figures(
                       ("component_shares.png", plot_component_shares(rows))):
         written.append(save_figure(fig, out_dir / name))
     return written
+
+
+def plot_holdout(results: Sequence, unit: str = "nats") -> Figure:
+    """The hold-out test (``ce_dynamics.analysis.holdout``): per fit group and dataset (rows) and component
+    (columns), the fitted models, the law fitted to them extended to the held-out sizes, the held-out models'
+    values (open circles) and the predictions (crosses; for CE, the direct law and CE assembled from the
+    components)."""
+    from ce_dynamics.analysis.scaling import fit_power_law
+
+    fig = Figure(figsize=(14.0, 3.1 * len(results) + 0.6), layout="constrained")
+    axes = fig.subplots(len(results), len(COMPONENTS), squeeze=False)
+    for i, h in enumerate(results):
+        x_all = np.geomspace(min(h.train_sizes), max(h.test_sizes), 50)
+        for j, comp in enumerate(COMPONENTS):
+            ax = axes[i][j]
+            ax.scatter(h.train_sizes, np.abs(h.train_values[comp]), color=COLORS[comp], s=24, label="fitted on")
+            fit = fit_power_law(h.train_sizes, h.train_values[comp])
+            ax.plot(x_all, fit.predict(x_all), "--", color=COLORS[comp], lw=1.2,
+                    label=f"law, $\\alpha$={fit.alpha:.3f}")
+            ax.scatter(h.test_sizes, np.abs(h.actual[comp]), facecolors="none", edgecolors=COLORS[comp], s=40,
+                       label="held out")
+            keys = ("ce_direct", "ce_assembled") if comp == "cross_entropy" else (comp,)
+            for key, marker in zip(keys, ("x", "+")):
+                label = {"ce_direct": "CE direct", "ce_assembled": "EE + SA - Conf"}.get(key, "predicted")
+                ax.scatter(h.test_sizes, np.abs(h.predicted[key]), marker=marker, color="red", s=40, label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+            ax.set_xlabel("non-embedding parameters")
+            ax.set_ylabel(f"|{SHORT_NAMES[comp]}| ({unit})")
+            ax.set_title(f"{SHORT_NAMES[comp]} - {h.group} / {h.dataset}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    return fig
+
+
+def save_holdout_figure(results: Sequence, path: str | Path, unit: str = "nats") -> Path:
+    """Write :func:`plot_holdout` as a PNG at ``path``."""
+    return save_figure(plot_holdout(results, unit), path)
+
+
+def _error_bars(ax, rows: Sequence[Mapping], comp: str, color: str) -> None:
+    """95% error bars on ``|M|`` for rows that carry the bootstrap's ``<comp>_lo``/``_hi`` (none otherwise)."""
+    rows = [r for r in rows if f"{comp}_lo" in r and f"{comp}_hi" in r]
+    if not rows:
+        return
+    bounds = np.abs(np.asarray([[r[f"{comp}_lo"], r[f"{comp}_hi"]] for r in rows], dtype=np.float64))
+    low, high = bounds.min(1), bounds.max(1)
+    mid = np.abs([float(r[comp]) for r in rows])
+    ax.errorbar([r["non_embedding_params"] for r in rows], mid,
+                yerr=[np.clip(mid - low, 0, None), np.clip(high - mid, 0, None)], fmt="none", ecolor=color,
+                elinewidth=1, capsize=2, zorder=2)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 130) -> Path:

@@ -1,4 +1,6 @@
-"""The scaling report for a results file: Tables 1-2 printed, figs. 7-8 written as PNG.
+"""The scaling report for a results file: Tables 1-2 printed, figs. 7-8 written as PNG; then each law with 95%
+intervals from the paired bootstrap (when the rows carry replicates) and which component's law is better, by how
+much and whether outside the noise; with ``--holdout K``, the out-of-sample test on the K largest models.
 
 ``python -m ce_dynamics.analysis RESULTS.jsonl`` and ``ce-dynamics scaling RESULTS.jsonl`` run :func:`main`.
 """
@@ -20,6 +22,8 @@ from ce_dynamics.analysis.scaling import (
     r2_table,
     select_final,
 )
+from ce_dynamics.analysis.holdout import holdout, holdout_table
+from ce_dynamics.analysis.uncertainty import compare, comparison_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,10 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true", help="print the tables only")
     parser.add_argument("--unit", choices=UNITS, default="nats",
                         help="nats per token (default) or bits per byte (the rows' *_bpb fields)")
+    parser.add_argument("--holdout", type=int, default=None, metavar="K",
+                        help="fit on all but the K largest models and report how well each law predicts them")
     args = parser.parse_args(argv)
     try:
         rows = in_unit(select_final(load_results(args.results), step=args.step), args.unit)
         fits = fit_groups(rows, min_models=args.min_models)
+        comparisons = compare(rows, min_models=args.min_models) if args.unit == "nats" else []
+        held = holdout(rows, args.holdout, args.min_models) if args.holdout is not None else []
     except (ResultsError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -47,11 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(delta_table(fits).format())
     print("\n'*' marks the best value per family and dataset (highest R^2, smallest |Delta|).")
     print(f"Components in {UNITS[args.unit]}.")
+    if comparisons:  # the replicates are in nats: intervals for the nats tables only
+        print()
+        print(comparison_table(comparisons))
+    if held:
+        print()
+        print(f"Hold-out: the {args.holdout} largest model(s) predicted from the others' laws")
+        print(holdout_table(held))
     if not args.no_figures:
         from ce_dynamics.analysis import figures  # matplotlib only when drawing
 
         out = args.out if args.out is not None else args.results.parent
         paths = figures.save_scaling_figures(rows, fits, out, unit=args.unit)
+        if held:
+            paths.append(figures.save_holdout_figure(held, out / "holdout.png", unit=args.unit))
         for path in paths:
             print(f"wrote {path}")
     return 0

@@ -176,7 +176,8 @@ def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]
                     missing = {"rank_counts", "rank_log_score_sum"} - set(data.files)
                     if missing:
                         raise ResultsError(f"{file}: missing array(s) {sorted(missing)}")
-                    state = {"rank_counts": data["rank_counts"], "rank_log_score_sum": data["rank_log_score_sum"]}
+                    state = {key: data[key] for key in data.files  # the bootstrap's per-group arrays too
+                             if key in ("rank_counts", "rank_log_score_sum") or key.startswith("bootstrap_")}
                 out.setdefault(dataset_dir.name, {})[step] = state
     if not out:
         raise ResultsError(f"no arrays/<dataset>/step_<N>.npz files under {root} (a training run's output_dir holds "
@@ -274,10 +275,12 @@ def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]
     """Numbers for every (dataset, step) state from :func:`load_arrays`, via the core's one implementation.
 
     Returns ``{dataset: {step: {KEYS..., "num_tokens", "p_e", "q_e"}}}`` with Python floats for the scalars
-    and numpy arrays for ``p_e``/``q_e``.
+    and numpy arrays for ``p_e``/``q_e``; states saved with the bootstrap on also give its intervals
+    (``<key>_se``, ``_lo``, ``_hi``, ...: :func:`ce_dynamics.bootstrap.summary_of_state`).
     """
     import torch
 
+    from ce_dynamics.bootstrap import summary_of_state
     from ce_dynamics.functional import decomposition_from_state
 
     out: dict[str, dict[int, dict]] = {}
@@ -288,8 +291,9 @@ def decompose_arrays(arrays: Mapping[str, Mapping[int, Mapping[str, np.ndarray]]
                 torch.from_numpy(np.asarray(state["rank_counts"], dtype=np.int64)),
                 torch.from_numpy(np.asarray(state["rank_log_score_sum"], dtype=np.float64)),
             )
+            result.update(summary_of_state(state, keep_replicates=True))
             out[dataset][step] = {
-                k: (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
+                k: v if k == "replicates" else (v.numpy() if v.dim() > 0 else v.item()) for k, v in result.items()
             }
     return out
 
@@ -304,6 +308,18 @@ def fit_groups(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[s
     ``rows`` must hold one row per (model, dataset) (see :func:`select_final`). Raises ``ResultsError``
     when no group has enough models, naming how many each family has.
     """
+    fits: dict[str, dict[str, dict[str, PowerLawFit]]] = {}
+    for group, per_dataset in group_rows(rows, min_models).items():
+        fits[group] = {}
+        for dataset, subset in per_dataset.items():
+            x = [r["non_embedding_params"] for r in subset]
+            fits[group][dataset] = {c: _fit_or_raise(x, [r[c] for r in subset], group, dataset, c) for c in COMPONENTS}
+    return fits
+
+
+def group_rows(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[str, list[Mapping]]]:
+    """The rows of each fit of :func:`fit_groups`: ``{group: {dataset: rows}}`` (families with ``>= min_models``
+    models, then "All" when there are several); ``ResultsError`` when no group has enough models."""
     if min_models < 2:
         raise ValueError(f"min_models must be >= 2, got {min_models}")
     rows = list(rows)
@@ -319,16 +335,14 @@ def fit_groups(rows: Iterable[Mapping], min_models: int = 3) -> dict[str, dict[s
             f"too few models for a power-law fit: need at least {min_models} models of distinct size in a "
             f"family (models per family: {counts})"
         )
-    fits: dict[str, dict[str, dict[str, PowerLawFit]]] = {}
-    for group, group_rows in groups.items():
-        fits[group] = {}
-        for dataset in dataset_order(group_rows):
-            subset = [r for r in group_rows if r["dataset"] == dataset]
-            if _num_models(subset) < min_models:
-                continue
-            x = [r["non_embedding_params"] for r in subset]
-            fits[group][dataset] = {c: _fit_or_raise(x, [r[c] for r in subset], group, dataset, c) for c in COMPONENTS}
-    return fits
+    out: dict[str, dict[str, list[Mapping]]] = {}
+    for group, members in groups.items():
+        out[group] = {}
+        for dataset in dataset_order(members):
+            subset = [r for r in members if r["dataset"] == dataset]
+            if _num_models(subset) >= min_models:
+                out[group][dataset] = subset
+    return out
 
 
 def dataset_order(rows: Iterable[Mapping]) -> list[str]:

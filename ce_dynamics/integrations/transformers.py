@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from ce_dynamics import bootstrap as _bootstrap  # noqa: E402
 from ce_dynamics.functional import KEYS, accumulate_state, decomposition_from_state, token_ranks_and_log_scores  # noqa: E402
 
 __all__ = ["CEDecompositionEval", "CEDecompositionTrainerCallback"]
@@ -46,13 +47,19 @@ class CEDecompositionEval:
         ignore_index: label value to skip (the Trainer's and the data collators' -100).
         shift_labels: the labels are the inputs (causal LM): the logits at ``t`` predict the label at ``t + 1``.
             False: labels are already aligned with the logits.
+        bootstrap: replicates of the instance bootstrap (0: off); on, ``evaluate()`` also gives
+            ``eval_<key>_se``, ``_lo``, ``_hi`` (95%; see :mod:`ce_dynamics.bootstrap`). The instances are the
+            rows of the predictions in the order the Trainer hands them over (its eval sampler is sequential: row
+            ``i`` is eval dataset row ``i`` with one process).
 
     Attributes:
         last_state: ``(rank_counts, rank_log_score_sum)`` numpy arrays of the last computed evaluation, for
             :class:`CEDecompositionTrainerCallback` (None before the first).
+        last_bootstrap_state: the bootstrap's per-group state of the last evaluation in its saved form ({}: off).
     """
 
-    def __init__(self, vocab_size: int, ignore_index: int = -100, shift_labels: bool = True) -> None:
+    def __init__(self, vocab_size: int, ignore_index: int = -100, shift_labels: bool = True,
+                 bootstrap: int = _bootstrap.DEFAULT_REPLICATES) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"Expected `vocab_size` to be a positive int, got {vocab_size!r}.")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -60,12 +67,20 @@ class CEDecompositionEval:
         self.vocab_size = vocab_size
         self.ignore_index = ignore_index
         self.shift_labels = bool(shift_labels)
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
+            raise ValueError(f"Expected `bootstrap` to be 0 (off) or an int >= 2 (replicates), got {bootstrap!r}.")
+        self.bootstrap = bootstrap
         self.last_state: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_bootstrap_state: dict[str, np.ndarray] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._counts = torch.zeros(self.vocab_size, dtype=torch.int64)
         self._sums = torch.zeros(self.vocab_size, dtype=torch.float64)
+        shape = (_bootstrap.DEFAULT_GROUPS, self.vocab_size) if self.bootstrap else (0, self.vocab_size)
+        self._group_counts = torch.zeros(shape, dtype=torch.int64)
+        self._group_sums = torch.zeros(shape, dtype=torch.int64)
+        self._rows = 0  # instances seen since the last compute: the next row's id
 
     def preprocess_logits_for_metrics(self, logits: Tensor | tuple, labels: Tensor) -> Tensor:
         """``[B, T, V]`` logits and ``[B, T]`` labels -> ``[B, T', 2]`` (rank, log-score) per position, on the
@@ -96,19 +111,33 @@ class CEDecompositionEval:
             raise ValueError("Expected predictions of shape [..., 2] from CEDecompositionEval."
                              "preprocess_logits_for_metrics (pass it to the Trainer as preprocess_logits_for_metrics),"
                              f" got {tuple(values.shape)}.")
+        rows = values.shape[0] if values.dim() >= 3 else 1  # [B, T, 2]: B instances; [T, 2]: one
+        ids = torch.arange(self._rows, self._rows + rows).repeat_interleave(values[..., 0].numel() // rows)
         values = values.reshape(-1, 2).to("cpu", torch.float64)
-        kept = values[values[:, 0] >= 0]  # -1: skipped; -100: the Trainer's padding between batches
+        keep = values[:, 0] >= 0  # -1: skipped; -100: the Trainer's padding between batches
+        kept = values[keep]
         ranks = kept[:, 0].to(torch.int64)
         if ranks.numel() and int(ranks.max()) >= self.vocab_size:
             raise ValueError(f"Expected ranks below vocab_size={self.vocab_size}, got {int(ranks.max())}.")
         accumulate_state(ranks, kept[:, 1], self._counts, self._sums)
+        self._rows += rows
+        if self.bootstrap:
+            groups = _bootstrap.instance_groups(ids[keep], _bootstrap.DEFAULT_GROUPS)
+            _bootstrap.accumulate_groups(ranks, kept[:, 1], groups, None, self._group_counts, self._group_sums)
 
     def compute(self) -> dict[str, float]:
         """The decomposition of everything added since the last compute; resets the state."""
         out = decomposition_from_state(self._counts, self._sums)
         self.last_state = (self._counts.numpy().copy(), self._sums.numpy().copy())
+        extra: dict[str, float] = {}
+        self.last_bootstrap_state = {}
+        if self.bootstrap:
+            summary = _bootstrap.bootstrap_summary(self._group_counts, self._group_sums, self.bootstrap)
+            extra = {key: float(summary[key]) for key in _bootstrap.interval_keys()}
+            self.last_bootstrap_state = _bootstrap.pack_group_state(self._group_counts, self._group_sums,
+                                                                    self.bootstrap, 0)
         self._reset()
-        return {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"])}
+        return {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]), **extra}
 
     def compute_metrics(self, eval_pred: Any, compute_result: bool = True) -> dict[str, float]:
         """The Trainer's ``compute_metrics``: with ``batch_eval_metrics=False`` called once with every
@@ -167,7 +196,8 @@ class CEDecompositionTrainerCallback(TrainerCallback):
             from ce_dynamics.files import save_state
 
             root = self.output_dir if self.output_dir is not None else Path(args.output_dir)
-            save_state(root, name, step, {"rank_counts": counts, "rank_log_score_sum": sums})
+            save_state(root, name, step, {"rank_counts": counts, "rank_log_score_sum": sums,
+                                          **self.evaluator.last_bootstrap_state})
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
         if self.log_histograms and "wandb" in report_to:
             self._log_wandb(name, counts, sums, step)

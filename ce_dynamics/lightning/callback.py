@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ce_dynamics.lightning import sinks
 from ce_dynamics.files import save_state
 from ce_dynamics._rows import in_callers_inference_mode
+from ce_dynamics.bootstrap import DEFAULT_REPLICATES as DEFAULT_BOOTSTRAP, replicates_field
 from ce_dynamics.functional import KEYS
 from ce_dynamics.metric import CrossEntropyDecomposition
 
@@ -67,6 +68,10 @@ class CEDecompositionCallback(Callback):
             attribute of the LightningModule (dotted, e.g. `"model.lm_head"`) or a callable taking the
             LightningModule; either gives a module with `.weight` [V, H] (and optional `.bias`) or the weight
             tensor. None: `pl_module.get_output_embeddings()`, else `pl_module.model.get_output_embeddings()`.
+        bootstrap: replicates of the metric's instance bootstrap (0: off): every number then comes with
+            `<key>_se`, `<key>_lo`, `<key>_hi` (95%). `validation_step` may return `"instance_ids"` (`[B]`, one id
+            per row, the same wherever the instance is scored) so that the intervals do not depend on batch order,
+            process count or a resume; without them each row is an instance numbered in arrival order.
 
     Attributes:
         step: the step to log at; None -> `trainer.global_step` (replay sets a checkpoint's training step).
@@ -78,7 +83,8 @@ class CEDecompositionCallback(Callback):
                  ignore_index: int = -100, log_histograms: bool = True, max_buckets: int = 512,
                  save_arrays: bool = True, background_media: bool = True,
                  overlap_updates: bool | None = None, backfill: bool = True, nan_strategy: str = "ignore",
-                 lm_head: str | Callable[[L.LightningModule], Any] | None = None) -> None:
+                 lm_head: str | Callable[[L.LightningModule], Any] | None = None,
+                 bootstrap: int = DEFAULT_BOOTSTRAP) -> None:
         if not 1 <= max_buckets <= 512:
             raise ValueError(f"max_buckets must be in [1, 512] (a W&B histogram limit), got {max_buckets}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -94,6 +100,7 @@ class CEDecompositionCallback(Callback):
         if lm_head is not None and not (isinstance(lm_head, str) or callable(lm_head)):
             raise ValueError(f"lm_head must be None, an attribute name or a callable, got {type(lm_head).__name__}")
         self.lm_head = lm_head
+        self.bootstrap = bootstrap
         self.step: int | None = None
         self.last_results: dict[str, dict[str, float]] = {}
         self._media = sinks.WandbMedia(max_buckets)
@@ -136,7 +143,7 @@ class CEDecompositionCallback(Callback):
                 self._guard(trainer, "the metric update", metric.raise_deferred_errors)
                 states[idx] = {"rank_counts": metric.rank_counts.clone(),
                                "rank_log_score_sum": metric.rank_log_score_sum.clone(),
-                               "nonfinite_tokens": metric.nonfinite_tokens.clone()}
+                               "nonfinite_tokens": metric.nonfinite_tokens.clone(), **metric.bootstrap_state()}
             metric.reset()
             loss = self._losses.get(idx, torch.zeros(2, dtype=torch.float64, device=pl_module.device))
             loss = trainer.strategy.reduce(loss, reduce_op="sum") if trainer.world_size > 1 else loss
@@ -216,6 +223,8 @@ class CEDecompositionCallback(Callback):
             inputs = (hidden, *self._unembedding(pl_module, hidden.dtype))
             width = inputs[1].shape[0]
         labels = outputs["labels"].detach()
+        ids = outputs.get("instance_ids")
+        ids = ids.detach() if isinstance(ids, torch.Tensor) else ids
         metric = self._metrics.get(dataloader_idx)
         if metric is None:
             metric = self._metrics[dataloader_idx] = self._new_metric(width, inputs[0].device)
@@ -224,8 +233,8 @@ class CEDecompositionCallback(Callback):
             tokens = (labels != self.ignore_index).sum().to(torch.float64)
             acc = self._losses.setdefault(dataloader_idx, torch.zeros(2, dtype=torch.float64, device=loss.device))
             acc += torch.stack([loss.detach().to(torch.float64).reshape(()) * tokens, tokens])
-        update = metric.update if len(inputs) == 1 else (
-            lambda hidden, weight, bias, target: metric.update_from_hidden(hidden, weight, target, bias))
+        update = (lambda logits, target: metric.update(logits, target, ids)) if len(inputs) == 1 else (
+            lambda hidden, weight, bias, target: metric.update_from_hidden(hidden, weight, target, bias, ids))
         self._finish_update()
         if metric.num_threads == 1:  # _new_metric made it single-threaded to run beside torch's own threads
             self._pending_update = self._background().submit(in_callers_inference_mode(update), *inputs, labels)
@@ -269,7 +278,8 @@ class CEDecompositionCallback(Callback):
         results = {name: sinks.results_of(state) for name, state in by_name.items()}
         self.last_results = {
             name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]),
-                   "nonfinite_tokens": int(out["nonfinite_tokens"]), **sinks.bpb_of(out)}
+                   "nonfinite_tokens": int(out["nonfinite_tokens"]), **sinks.bpb_of(out), **sinks.intervals_of(out),
+                   **replicates_field(out)}
             for name, out in results.items()
         }
         nonfinite = {name: n["nonfinite_tokens"] for name, n in self.last_results.items() if n["nonfinite_tokens"]}
@@ -347,7 +357,7 @@ class CEDecompositionCallback(Callback):
         # On an accelerator, no host synchronisation per batch: bad targets are counted and raised at the end.
         return CrossEntropyDecomposition(vocab_size, ignore_index=self.ignore_index, num_threads=threads,
                                          validate_args=torch.device(device).type == "cpu",
-                                         nan_strategy=self.nan_strategy).to(device)
+                                         nan_strategy=self.nan_strategy, bootstrap=self.bootstrap).to(device)
 
     def _same_metrics_on_every_rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A rank that saw no batch of some dataloader still has to join that metric's sync."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from ce_dynamics.bootstrap import interval_keys, replicates_field, summary_of_state
 from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.files import load_state, saved_steps, state_path
@@ -40,9 +41,11 @@ _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionar
 
 
 def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The decomposition dict of a saved state (plus its ``loss``, when it has one)."""
+    """The decomposition dict of a saved state (plus its ``loss``, when it has one, and the bootstrap's
+    intervals, recomputed from the state's per-group arrays, when it has them)."""
     out = decomposition_from_state(torch.as_tensor(state["rank_counts"]), torch.as_tensor(state["rank_log_score_sum"]),
                                    int(state.get("nonfinite_tokens", 0)))
+    out.update(summary_of_state(state, keep_replicates=True))
     for key, kind in (("loss", float), ("num_bytes", int)):
         if key in state:
             out[key] = kind(state[key])
@@ -57,12 +60,19 @@ def bpb_of(results: Mapping[str, Any]) -> dict[str, float]:
                          num_tokens=int(results["num_tokens"]))
 
 
+def intervals_of(results: Mapping[str, Any]) -> dict[str, float]:
+    """The bootstrap's keys of one decomposition dict (``<key>_se``, ``_lo``, ``_hi`` and the bias-corrected
+    Error-Entropy), as floats; {} when the bootstrap was off."""
+    return {key: float(results[key]) for key in interval_keys() if key in results}
+
+
 def scalars_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """The row's scalars: ``decomp/<set>/<key>``, ``decomp/<set>/nonfinite_tokens`` and ``val/loss/<set>``."""
     row: dict[str, float] = {}
     for name, out in results.items():
         row.update({f"{ROW_PREFIX}{name}/{key}": float(out[key]) for key in KEYS})
         row.update({f"{ROW_PREFIX}{name}/{key}": value for key, value in bpb_of(out).items()})
+        row.update({f"{ROW_PREFIX}{name}/{key}": value for key, value in intervals_of(out).items()})
         row[f"{ROW_PREFIX}{name}/nonfinite_tokens"] = int(out.get("nonfinite_tokens", 0))
         if out.get("loss") is not None:
             row[f"val/loss/{name}"] = float(out["loss"])

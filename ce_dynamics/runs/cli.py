@@ -20,7 +20,7 @@ from typing import Any
 _MODES = ("train", "replay", "sweep")
 
 USAGE = """usage: ce-dynamics {{train,replay,sweep}} [key=value ...]
-       ce-dynamics scaling RESULTS.jsonl [--out DIR] [--step N] [--min-models K] [--no-figures]
+       ce-dynamics scaling RESULTS.jsonl [--out DIR] [--step N] [--min-models K] [--no-figures] [--holdout K]
        ce-dynamics experiments
 
 Train a language model and watch its cross-entropy decomposition (train), walk released checkpoints (replay),

@@ -158,6 +158,7 @@ RULES: dict[str, Rule] = {
     "trainer.limit_train_batches": integer(0) | number(0, 1) | NULL,
     "trainer.enable_progress_bar": BOOL | NULL,
     "trainer.enable_model_summary": BOOL | NULL,
+    "eval.bootstrap": Rule(lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2 (replicates)"),
     "checkpoint.keep": one_of("last", "all"),
     "logger.wandb.mode": one_of("offline", "online", "disabled"),
     "logger.wandb.project": STR,

@@ -206,19 +206,25 @@ def document_instances(docs: Iterable[str], tokenizer: Any, seq_len: int) -> tup
 
 
 class TokenWindows(Dataset):
-    """Rows of an int64 [n, seq_len] tensor as `{"input_ids": ...}` samples (plus `attention_mask` if given)."""
+    """Rows of an int64 [n, seq_len] tensor as `{"input_ids": ...}` samples (plus `attention_mask` if given, and
+    with `instance_ids`, the row's index as `"instance_ids"`: the eval instance id the bootstrap resamples by)."""
 
-    def __init__(self, windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def __init__(self, windows: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 instance_ids: bool = False) -> None:
         self.windows = windows
         self.attention_mask = attention_mask
+        self.instance_ids = instance_ids
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        if self.attention_mask is None:
-            return {"input_ids": self.windows[idx]}
-        return {"input_ids": self.windows[idx], "attention_mask": self.attention_mask[idx]}
+        sample = {"input_ids": self.windows[idx]}
+        if self.attention_mask is not None:
+            sample["attention_mask"] = self.attention_mask[idx]
+        if self.instance_ids:
+            sample["instance_ids"] = torch.tensor(idx, dtype=torch.int64)
+        return sample
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -291,7 +297,7 @@ class CEDataModule(L.LightningDataModule):
             ids, mask = document_instances(pin.documents, self.tokenizer, self.seq_len)
             if len(ids) < self.eval_sequences:
                 log.warning("eval set %r has only %d documents (asked for %d)", name, len(ids), self.eval_sequences)
-            return TokenWindows(ids, mask)
+            return TokenWindows(ids, mask, instance_ids=True)
         self.eval_hashes[name] = None
         windows = pack(documents(spec, "eval"), self.tokenizer, self.seq_len, self.eval_sequences)
         if len(windows) == 0:
@@ -299,7 +305,7 @@ class CEDataModule(L.LightningDataModule):
         if len(windows) < self.eval_sequences:
             log.warning("eval set %r has only %d instances of %d tokens (asked for %d)",
                         name, len(windows), self.seq_len, self.eval_sequences)
-        return TokenWindows(windows)
+        return TokenWindows(windows, instance_ids=True)
 
     def _count_bytes(self) -> None:
         from ce_dynamics.bpb import target_bytes, token_byte_lengths

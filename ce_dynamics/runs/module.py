@@ -119,6 +119,8 @@ class CausalLMModule(L.LightningModule):
             logits, labels = self._shifted(batch)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
             outputs = {"logits": logits, "labels": labels, "loss": loss}
+        if "instance_ids" in batch:  # the eval instance of each row, for the callback's bootstrap
+            outputs["instance_ids"] = batch["instance_ids"]
         names = getattr(self.trainer.datamodule, "eval_names", None) if self._trainer is not None else None
         name = names[dataloader_idx] if names else f"val_{dataloader_idx}"
         # For the progress bar, the validate table and `monitor=`; loggers get it from CEDecompositionCallback,

@@ -43,6 +43,7 @@ require("omegaconf", "transformers", "lightning")
 from omegaconf import DictConfig
 
 from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results
+from ce_dynamics.bootstrap import interval_keys
 from ce_dynamics.functional import KEYS
 
 __all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
@@ -234,7 +235,8 @@ class _ModelWalk:
         from ce_dynamics.analysis.scaling import family_of, non_embedding_params
         from ce_dynamics.runs.training import build_trainer
 
-        callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
+        callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error",
+                                           bootstrap=self.cfg.eval.bootstrap)
         callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
         from ce_dynamics.runs.weights import trainer_overrides
 
@@ -251,6 +253,7 @@ class _ModelWalk:
              "step": ckpt.step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
              "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
              **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
+             **{key: v for key, v in callback.last_results[name].items() if key in (*interval_keys(), "replicates")},
              "num_bytes": data.eval_bytes.get(name), "eval_hash": data.eval_hashes.get(name)}
             for name in names
         ]

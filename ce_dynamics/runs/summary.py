@@ -14,7 +14,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ce_dynamics.files import state_files
+from ce_dynamics.bootstrap import summary_of_state
+from ce_dynamics.files import load_state, state_files
 from ce_dynamics.functional import decomposition_from_state
 
 _COLUMNS = (("cross_entropy", "CE"), ("error_entropy", "EE"), ("self_alignment", "SA"), ("confidence", "Conf"),
@@ -49,18 +50,21 @@ def decomposition_rows(output_dir: Path) -> list[dict[str, Any]]:
         return [{**row, "name": f"{row['model']} {row['revision']} {row['dataset']}"} for row in last.values()]
     rows = []
     for name, (step, path) in last_arrays(output_dir / "arrays").items():
-        with np.load(path) as data:
-            out = decomposition_from_state(data["rank_counts"], data["rank_log_score_sum"])
+        state = load_state(path)
+        out = decomposition_from_state(state["rank_counts"], state["rank_log_score_sum"])
+        out.update(summary_of_state(state))  # the intervals, when the run kept the bootstrap's state
         rows.append({"name": f"{name} step {step}", **{k: float(out[k]) for k, _ in _COLUMNS[:-1]},
+                     **{f"{k}_se": float(out[f"{k}_se"]) for k, _ in _COLUMNS[:-1] if f"{k}_se" in out},
                      "num_tokens": int(out["num_tokens"])})
     return rows
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width text table of `rows` (CE = EE + SA - Conf in nats per token)."""
+    """A fixed-width text table of `rows` (CE = EE + SA - Conf in nats per token); a value with a bootstrap
+    standard error (`<key>_se`) reads `5.0712 +- 0.0213`."""
     shown = list(rows)[-_MAX_ROWS:]
     header = ["", *(label for _, label in _COLUMNS)]
-    body = [[str(r["name"]), *(f"{int(r[k]):,}" if k == "num_tokens" else f"{float(r[k]):.4f}" for k, _ in _COLUMNS)]
+    body = [[str(r["name"]), *(f"{int(r[k]):,}" if k == "num_tokens" else _cell(r, k) for k, _ in _COLUMNS)]
             for r in shown]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -68,6 +72,12 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if len(rows) > len(shown):
         lines.append(f"({len(rows) - len(shown)} earlier rows in results.jsonl)")
     return "\n".join(lines)
+
+
+def _cell(row: Mapping[str, Any], key: str) -> str:
+    se = row.get(f"{key}_se")
+    text = f"{float(row[key]):.4f}"
+    return f"{text} +- {float(se):.4f}" if isinstance(se, (int, float)) and np.isfinite(se) else text
 
 
 def _newest(paths: Sequence[Path]) -> Path | None:

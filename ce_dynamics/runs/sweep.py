@@ -23,6 +23,7 @@ require("omegaconf")
 
 from omegaconf import DictConfig
 
+from ce_dynamics.bootstrap import interval_keys, replicates_field
 from ce_dynamics.functional import KEYS
 
 FAMILY = "tiny-neox"
@@ -62,7 +63,8 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
     """Rows (one per eval set) from the member's saved state at its last step, via the core's math."""
     from ce_dynamics.analysis.scaling import decompose_arrays, load_arrays
 
-    numbers = decompose_arrays(load_arrays(cfg.output_dir))
+    arrays = load_arrays(cfg.output_dir)
+    numbers = decompose_arrays({d: {max(steps): steps[max(steps)]} for d, steps in arrays.items()})  # the last only
     rows = []
     for dataset in cfg.data.eval_sets:
         step = max(numbers[dataset])
@@ -73,7 +75,8 @@ def final_rows(cfg: DictConfig, model: str, params: int) -> list[dict]:
         rows.append({
             "model": model, "family": FAMILY, "revision": f"step{step}", "step": step, "dataset": dataset,
             "num_tokens": int(values["num_tokens"]), "non_embedding_params": params,
-            **{k: float(values[k]) for k in KEYS},
+            **{k: float(values[k]) for k in KEYS}, **{k: float(values[k]) for k in interval_keys() if k in values},
+            **replicates_field(values),
         })
     return rows
 

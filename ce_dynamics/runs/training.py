@@ -172,7 +172,8 @@ def run_training(cfg: DictConfig) -> int:
     if len(tokenizer) > width:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {width} logits "
                          f"(raise model.vocab_size)")
-    callback = CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets))
+    callback = CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets),
+                                       bootstrap=cfg.eval.bootstrap)
     callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step"),
                  *console_callbacks(cfg.trainer)]  # a progress bar over optimizer steps; no "Total FLOPs: 0"
     ckpt_path = cfg.ckpt_path
