@@ -175,8 +175,12 @@ class CrossEntropyDecomposition(Metric):
             )
 
     def plot(self, ax: Axes | None = None, title: str | None = None) -> Figure:  # type: ignore[override]
-        """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6)."""
+        """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6), with the
+        decomposition's values in the panel. Needs matplotlib (the ``[lightning]`` extra; the error says so)."""
+        from ce_dynamics._extras import require
         from ce_dynamics.plotting import plot_p_e_q_e
+
+        require("matplotlib")
 
         result = self.compute()
         return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title)
