@@ -183,7 +183,8 @@ class CrossEntropyDecomposition(Metric):
         require("matplotlib")
 
         result = self.compute()
-        return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title)
+        return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title,
+                            values={k: float(v) for k, v in result.items() if v.ndim == 0})
 
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
         # torchmetrics all-gathers every state (world x V numbers per rank) and then sums; an all-reduce moves V.
