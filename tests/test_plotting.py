@@ -9,7 +9,7 @@ import torch
 
 from ce_dynamics import CrossEntropyDecomposition
 from ce_dynamics.plotting import PEQERenderer, plot_p_e_q_e
-from tests import numpy_reference as ref
+import numpy_reference as ref
 
 V = 3000
 
