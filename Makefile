@@ -1,4 +1,4 @@
-# Quick start:  make run  (the tiny experiment, offline, CPU, ~5 min)   |   make test  (the suite, ~8 min on 2 cores)
+# Quick start:  make run  (the tiny experiment, offline, CPU, ~5 min)   |   make test  (the suite, ~6 min on 2 idle cores)
 # Both create .venv and install the package on first use. Extra arguments: make run ARGS="trainer.max_steps=50"
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,12 +30,14 @@ $(BIN)/.installed-dev: pyproject.toml | $(BIN)/python
 run: install
 	$(BIN)/python train.py $(ARGS)
 
-# The whole suite: about 8 minutes on an idle 2-core machine (slow tests included).
+# The whole suite: about 6 minutes on an idle 2-core machine (slow tests included).
 test: install-dev
+	@echo "make test: the whole suite, about 6 minutes on an idle 2-core machine (make test-fast: under 3)"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The suite without the tests marked slow (end-to-end runs): under 3 minutes on an idle 2-core machine.
 test-fast: install-dev
+	@echo "make test-fast: the suite without the slow tests, under 3 minutes on an idle 2-core machine"
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The documentation site, built into site/ (strict: a broken link or reference fails).

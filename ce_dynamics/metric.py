@@ -85,7 +85,8 @@ class CrossEntropyDecomposition(Metric):
         if backend not in BACKENDS:
             raise ValueError(f"Expected `backend` to be one of {BACKENDS}, got {backend!r}.")
         if backend == "triton" and not triton_available():
-            raise ImportError("backend='triton' needs the `triton` package (`pip install triton`, Linux).")
+            raise ImportError("backend='triton' needs the `triton` package (the [gpu] extra: "
+                              "`pip install 'ce-dynamics[gpu]'`, Linux).")
         if not isinstance(validate_args, bool):
             raise ValueError(f"Expected `validate_args` to be a bool, got {validate_args!r}.")
         if nan_strategy not in NAN_STRATEGIES:
