@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if p and Path(p).resolve() != BIN.resolve())
-    env = {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore", **extra}
+    env = {**os.environ, "PATH": path, **extra}
+    env.pop("PYTHONWARNINGS", None)  # the run's own filters are under test: no blanket ignore
     env.pop("CE_DYNAMICS_LAUNCHER", None)
     return {**env, **extra}
 
@@ -51,7 +52,15 @@ def run(tmp_path_factory) -> dict:
     args = [*small(tmp / "out", tmp / "cache"), "trainer.max_steps=2"]
     proc = _train(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": tmp / "out", "args": args, "stdout": proc.stdout}
+    return {"out": tmp / "out", "args": args, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def test_the_run_prints_no_third_party_noise(run):
+    printed = run["stdout"] + run["stderr"]
+    for noise in ("LeafSpec", "litlogger", "The anonymous setting has no effect",
+                  "Trainer already configured with model summary callbacks"):
+        assert noise not in printed, noise
+    assert "GPU available: False" in printed  # the rest of what Lightning says still shows
 
 
 def test_every_printed_command_runs_as_printed(run):

@@ -109,3 +109,25 @@ def test_progress_bar_counts_optimizer_steps_and_summary_drops_zero_flops(tmp_pa
     summary = "\n".join(r.getMessage() for r in caplog.records if "Trainable params" in r.getMessage())
     assert "Trainable params" in summary and "flops" not in summary.lower()
     assert console_callbacks({"enable_progress_bar": False, "enable_model_summary": False}) == []
+
+
+def test_quiet_filters_drop_only_the_exact_third_party_messages(caplog):
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from ce_dynamics.runs.quiet import quiet_third_party
+
+    quiet_third_party()
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("\U0001f4a1 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+                       "(https://pypi.org/project/litlogger/) to enable LitLogger")
+        rank_zero_info("GPU available: False, used: False")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party()  # its filter goes in front of "always"
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("ckpt_path is deprecated", FutureWarning)  # any other message still shows
+    assert [str(w.message) for w in seen] == ["ckpt_path is deprecated"]
