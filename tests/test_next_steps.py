@@ -29,6 +29,12 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def _typed(path: str | Path) -> str:
+    """How a user in ROOT types a program outside PATH: relative when it lies under ROOT, else absolute."""
+    path = Path(os.path.abspath(path))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _train(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=_env(**env))
@@ -67,8 +73,9 @@ def test_every_printed_command_runs_as_printed(run):
     out = run["out"]
     commands = next_commands(run["stdout"])
     assert set(commands) == {"metrics", "browse", "upload", "notebook"}, run["stdout"]
-    for command in commands.values():  # this environment's tools, by a path from the repository root
-        assert shlex.split(command)[0] == os.path.relpath(BIN / shlex.split(command)[0].rsplit("/", 1)[-1], ROOT)
+    for command in commands.values():  # this environment's tools, by their path (relative under the cwd)
+        program = shlex.split(command)[0]
+        assert program == _typed(BIN / program.rsplit("/", 1)[-1]), command
 
     proc = subprocess.run(shlex.split(commands["metrics"]), cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=_env())
@@ -105,7 +112,7 @@ def test_a_second_run_names_the_make_forms_and_they_resume_or_start_afresh(run):
     args = run["args"]
     plain = _train(args)
     assert plain.returncode == 2
-    assert f"{os.path.relpath(sys.executable, ROOT)} train.py {shlex.join(args)} ckpt_path=last" in plain.stderr
+    assert f"{_typed(sys.executable)} train.py {shlex.join(args)} ckpt_path=last" in plain.stderr
     made = _train(args, CE_DYNAMICS_LAUNCHER="make")
     assert made.returncode == 2
     resume = f'make run ARGS="{shlex.join(args)} ckpt_path=last"'

@@ -102,7 +102,7 @@ def plot_p_e_steps(p_e_by_step: Mapping[int, np.ndarray], ax=None, title: str | 
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rank of the ground-truth token (RBE + 1)")
-    ax.set_ylabel("$p_e$ (fraction of tokens)")
+    ax.set_ylabel("$p_e$ (per-rank mean in log-spaced bins)")
     ax.set_title(title or "RBE distribution $p_e$ during training")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
