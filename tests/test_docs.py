@@ -61,6 +61,13 @@ def test_readme_is_a_front_page_linking_into_the_docs():
     assert "make run" in text and "make test" in text
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_user_docs_carry_no_development_history(page: str):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    for pattern in (r"<!--", r"\bissues? #?\d+", r"previous commit", r"before this (branch|change|version)"):
+        assert not re.search(pattern, text, re.I), (page, pattern)
+
+
 def _faq_rows() -> dict[str, list[str]]:
     text = (ROOT / "docs" / "faq.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `(\w+)` \| (.*) \|$", text, re.M)
