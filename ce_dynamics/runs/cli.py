@@ -37,19 +37,19 @@ experiments: {experiments}
 """
 
 
-NEEDS_TRAIN = ("train, replay, sweep and experiments need the [train] extra, which is not installed here: "
-               "pip install 'ce-dynamics[train]' (or 'ce-dynamics[all]')")
 HELP = ("-h", "--help")
 
 
 def _usage(argv: Sequence[str] = (), keys: bool = False) -> str:
     """The usage text; with `keys`, every config key with its value, meaning and accepted values (for the
     experiment `argv` names). Without the [train] extra: the usage and which extra to install."""
-    import importlib.util
+    from ce_dynamics._extras import require
 
-    if importlib.util.find_spec("omegaconf") is None:
+    try:
+        require("omegaconf")
+    except ImportError as err:  # the message names the extra and how to install it here
         return USAGE.format(config_dir="(in the package)", experiments="(listed once [train] is installed)") \
-            + "\n" + NEEDS_TRAIN
+            + f"\ntrain, replay, sweep and experiments need the [train] extra: {err}"
     from ce_dynamics.runs.config import CONFIG_DIR, available_experiments, keys_help
 
     text = USAGE.format(config_dir=CONFIG_DIR, experiments=", ".join(available_experiments()))
