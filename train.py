@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from ce_dynamics.runs.cli import run_config
+try:
+    from ce_dynamics.runs.cli import run_config
+except ModuleNotFoundError as err:  # torch (or the package) missing: this Python is not the one make installed into
+    sys.exit(f"train.py: {err.name!r} is not installed in this Python ({sys.executable}). From this clone: "
+             f"`make run` (creates .venv and installs everything), then `.venv/bin/python train.py ...`; or "
+             f"pip install -e '.[all]' into the Python you want to use.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 EXTRAS = {
     "lightning": "lightning",
@@ -26,8 +27,22 @@ def require(*modules: str) -> None:
     for name in modules:
         if importlib.util.find_spec(name) is None:  # finds without importing: wandb/transformers import slowly
             extra = EXTRAS.get(name, "all")
+            clone = _source_checkout()
+            where = f" (in this clone: pip install -e '{clone}[{extra}]', or make run)" if clone else ""
             raise ImportError(
-                f"{name!r} is not installed; it comes with the [{extra}] extra: pip install 'ce-dynamics[{extra}]' "
-                f"(or 'ce-dynamics[all]' for everything). Only the metric and functional API work without it."
+                f"{name!r} is not installed; it comes with the [{extra}] extra: pip install 'ce-dynamics[{extra}]'"
+                f"{where} (or [all] for everything). Only the metric and functional API work without it."
             )
+
+
+def _source_checkout() -> str | None:
+    """The clone this package is imported from (a pyproject.toml beside it), as a path to type; None when
+    installed from a wheel."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        return str(root.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(root)
 

@@ -96,7 +96,8 @@ class CrossEntropyDecomposition(Metric):
         if backend not in BACKENDS:
             raise ValueError(f"Expected `backend` to be one of {BACKENDS}, got {backend!r}.")
         if backend == "triton" and not triton_available():
-            raise ImportError("backend='triton' needs the `triton` package (`pip install triton`, Linux).")
+            raise ImportError("backend='triton' needs the `triton` package (the [gpu] extra: "
+                              "`pip install 'ce-dynamics[gpu]'`, Linux).")
         if not isinstance(validate_args, bool):
             raise ValueError(f"Expected `validate_args` to be a bool, got {validate_args!r}.")
         if nan_strategy not in NAN_STRATEGIES:
@@ -272,11 +273,16 @@ class CrossEntropyDecomposition(Metric):
             )
 
     def plot(self, ax: Axes | None = None, title: str | None = None) -> Figure:  # type: ignore[override]
-        """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6)."""
+        """Matplotlib figure of ``p_e`` and ``q_e`` against rank on log-log axes (paper fig. 6), with the
+        decomposition's values in the panel. Needs matplotlib (the ``[lightning]`` extra; the error says so)."""
+        from ce_dynamics._extras import require
         from ce_dynamics.plotting import plot_p_e_q_e
 
+        require("matplotlib")
+
         result = self.compute()
-        return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title)
+        return plot_p_e_q_e(result["p_e"].cpu().numpy(), result["q_e"].cpu().numpy(), ax=ax, title=title,
+                            values={k: float(v) for k, v in result.items() if v.ndim == 0})
 
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
         # torchmetrics all-gathers every state (world x V numbers per rank) and then sums; an all-reduce moves V.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,14 +96,50 @@ def _new_figure() -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
+PLOT_BUCKETS = 40  # log-spaced rank buckets of the p_e/q_e figure: one point per rank at the head, then geometric
+
+
+def binned_p_e_q_e(p: np.ndarray, q: np.ndarray, max_buckets: int = PLOT_BUCKETS) -> tuple[np.ndarray, ...]:
+    """``(x, p, q)``: ``p_e`` and ``q_e`` averaged per rank within log-spaced rank buckets
+    (:func:`rank_bucket_edges`), at each bucket's geometric centre on the ``e + 1`` axis; only buckets where
+    some token fell. A raw per-rank curve is a comb in the sparse tail (most ranks there hold no token)."""
+    edges = rank_bucket_edges(len(p), max_buckets)
+    width = np.diff(edges).astype(np.float64)
+    p_mean, q_mean = bucket_sums(p, edges) / width, bucket_sums(q, edges) / width
+    centre = np.sqrt((edges[:-1] + 1.0) * edges[1:])  # geometric centre of the ranks e + 1 in the bucket
+    keep = p_mean > 0
+    return centre[keep], p_mean[keep], q_mean[keep]
+
+
+def decomposition_text(p: np.ndarray, q: np.ndarray, values: Mapping[str, Any] | None = None) -> str:
+    """The panel's legend of numbers: CE, EE, SA and Conf with their signs in CE = EE + SA - Conf.
+
+    ``values`` (the metric's ``compute()`` output or a row) gives all four; without it EE and SA are derived
+    from ``p_e`` and ``q_e`` themselves (Confidence needs the unnormalized scores, so it and CE are left out).
+    """
+    if values is not None and all(k in values for k in _TEXT_KEYS):
+        ce, ee, sa, conf = (float(values[k]) for k in _TEXT_KEYS)
+        return (f"CE = EE + SA \u2212 Conf\n{ce:.3f} = {ee:.3f} + {sa:.3f} \u2212 ({conf:.3f})")
+    seen = p > 0
+    ee = float(-(p[seen] * np.log(p[seen])).sum())
+    sa = float((p[seen] * (np.log(p[seen]) - np.log(q[seen]))).sum())
+    return f"EE = {ee:.3f}\nSA = {sa:.3f}"
+
+
+_TEXT_KEYS = ("cross_entropy", "error_entropy", "self_alignment", "confidence")
+
+
 def _draw_p_e_q_e(ax: Axes, p: np.ndarray, q: np.ndarray) -> list:
-    """The two curves and the axes' styling; returns the curves."""
+    """The two binned curves, the values' text box and the axes' styling; returns [p curve, q curve, text]."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-    seen = np.flatnonzero(p > 0)
-    lines = [
-        ax.plot(seen + 1, p[seen], "o-", ms=2.5, lw=0.8, alpha=0.85, markevery=0.01, label="p_e (rank distribution)")[0],
-        ax.plot(seen + 1, q[seen], "s-", ms=2.5, lw=0.8, alpha=0.85, markevery=0.01, label="q_e (normalized score)")[0],
+    x, p_bin, q_bin = binned_p_e_q_e(p, q)
+    artists = [
+        ax.plot(x, p_bin, "o-", ms=3.5, lw=1.0, color="tab:blue", label="$p_e$: share of tokens at rank e")[0],
+        ax.plot(x, q_bin, "s--", ms=3.5, lw=1.0, mfc="none", color="tab:orange",
+                label="$q_e$: normalized score at rank e")[0],
+        ax.text(0.97, 0.96, "", transform=ax.transAxes, ha="right", va="top", fontsize=7.5, family="monospace",
+                bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "alpha": 0.9}),
     ]
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -112,21 +149,25 @@ def _draw_p_e_q_e(ax: Axes, p: np.ndarray, q: np.ndarray) -> list:
         axis.set_major_locator(LogLocator(base=10, numticks=7))
         axis.set_minor_locator(NullLocator())
         axis.set_major_formatter(FuncFormatter(_power_of_ten))
-    ax.set_xlabel("rank-based error e + 1")
-    ax.set_ylabel("probability")
+    ax.set_xlabel("rank of the right token, e + 1 (log-spaced bins)")
+    ax.set_ylabel("per-rank mass (bin mean)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
-    return lines
+    ax.legend(frameon=False, fontsize=7.5, loc="lower left")
+    return artists
 
 
-def plot_p_e_q_e(p_e: Any, q_e: Any, ax: Axes | None = None, title: str | None = None) -> Figure:
-    """Log-log plot of the rank distribution ``p_e`` and the score distribution ``q_e`` against rank.
+def plot_p_e_q_e(p_e: Any, q_e: Any, ax: Axes | None = None, title: str | None = None,
+                 values: Mapping[str, Any] | None = None) -> Figure:
+    """Log-log plot of the rank distribution ``p_e`` and the score distribution ``q_e`` against rank (paper
+    fig. 6), binned on log-spaced ranks (:func:`binned_p_e_q_e`), with CE, EE, SA and Conf in the panel
+    (:func:`decomposition_text`; ``values`` is the metric's ``compute()`` output, else EE and SA are derived).
 
-    Only ranks that occurred (``p_e > 0``) are drawn; the x axis is ``e + 1`` so rank 0 sits at 1.
+    The x axis is ``e + 1`` so rank 0 sits at 1.
     """
     p, q = _checked_pair(p_e, q_e)
     fig, ax = _new_figure() if ax is None else (ax.figure, ax)
-    _draw_p_e_q_e(ax, p, q)
+    *_, text = _draw_p_e_q_e(ax, p, q)
+    text.set_text(decomposition_text(p, q, values))
     if title:
         ax.set_title(title)
     return fig
@@ -136,38 +177,42 @@ class PEQERenderer:
     """Renders :func:`plot_p_e_q_e` images repeatedly, fast: for the callback, at every validation.
 
     Axis limits snap to powers of ten, so the axes, ticks, labels and legend rarely change: they are drawn once
-    into a cached background, and each call only draws the two curves and the title over it (blitting).
+    into a cached background, and each call only draws the two curves, the values' text and the title over it
+    (blitting).
     """
 
     def __init__(self) -> None:
         self._limits: tuple | None = None
 
-    def render(self, p_e: Any, q_e: Any, title: str = "") -> np.ndarray:
-        """An ``[H, W, 3]`` uint8 image of ``p_e`` and ``q_e``."""
+    def render(self, p_e: Any, q_e: Any, title: str = "", values: Mapping[str, Any] | None = None) -> np.ndarray:
+        """An ``[H, W, 3]`` uint8 image of ``p_e`` and ``q_e`` (``values``: as for :func:`plot_p_e_q_e`)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         p, q = _checked_pair(p_e, q_e)
-        seen = np.flatnonzero(p > 0)
-        low = min(p[seen].min(), q[seen].min()) if len(seen) else 1e-3
+        x, p_bin, q_bin = binned_p_e_q_e(p, q)
+        low = min(p_bin.min(), q_bin[q_bin > 0].min(initial=1.0)) if len(x) else 1e-3
         limits = (10 ** np.ceil(np.log10(max(len(p), 10))), 10 ** np.floor(np.log10(low)))
         if self._limits is not None and limits[0] == self._limits[0]:
             limits = (limits[0], min(limits[1], self._limits[1]))  # only ever extend: no flip-flopping redraws
         if limits != self._limits:
             self._fig, self._ax = _new_figure()
-            self._lines = _draw_p_e_q_e(self._ax, p, q)
+            self._artists = _draw_p_e_q_e(self._ax, p, q)
             self._ax.set_xlim(0.8, limits[0] * 1.25)
             self._ax.set_ylim(limits[1] / 1.25, 1.25)
             self._title = self._ax.set_title(" ")
-            for artist in (*self._lines, self._title):
+            for artist in (*self._artists, self._title):
                 artist.set_animated(True)
             self._canvas = FigureCanvasAgg(self._fig)
             self._canvas.draw()
             self._background = self._canvas.copy_from_bbox(self._fig.bbox)
             self._limits = limits
         self._canvas.restore_region(self._background)
-        for line, values in zip(self._lines, (p, q)):
-            line.set_data(seen + 1, values[seen])
+        p_line, q_line, text = self._artists
+        for line, values_binned in ((p_line, p_bin), (q_line, q_bin)):
+            line.set_data(x, values_binned)
             self._ax.draw_artist(line)
+        text.set_text(decomposition_text(p, q, values))
+        self._ax.draw_artist(text)
         self._title.set_text(title)
         self._fig.draw_artist(self._title)
         return np.array(self._canvas.buffer_rgba())[..., :3]

@@ -57,6 +57,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_rank_without_a_batch_of_one_dataloader_still_syncs_it(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(5)
     data = {"alpha": torch.randint(0, V, (8, 9), generator=g), "beta": torch.randint(0, V, (3, 9), generator=g)}

@@ -19,6 +19,8 @@ import pytest
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 from test_callback import wandb_history
 
+pytestmark = pytest.mark.slow  # real processes killed and resumed: minutes (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("code", "prose")
 MAX_STEPS, EVERY = 32, 4

@@ -86,6 +86,12 @@ metric.update(torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]), torch.tensor([0,
 out = metric.compute()
 print("CE", float(out["cross_entropy"]))
 print("FILE", ce_dynamics.__file__)
+try:
+    metric.plot()
+except ImportError as err:
+    print("PLOT", err)
+else:
+    raise AssertionError("metric.plot() worked without matplotlib")
 for stmt in ("import ce_dynamics.lightning.callback", "from ce_dynamics import CEDecompositionCallback",
              "import ce_dynamics.integrations.transformers", "import ce_dynamics.runs.training"):
     try:
@@ -117,9 +123,16 @@ def test_light_install_gives_the_metric_and_names_the_missing_extras(wheel, tmp_
     for line in errors[:2]:
         assert "ce-dynamics[lightning]" in line and "'lightning' is not installed" in line, line
     assert "ce-dynamics[train]" in errors[2], errors[2]
-    # the console script exists and says which extra it needs
-    proc = _run([str(tmp_path / "venv" / "bin" / "ce-dynamics", ), "experiments"], cwd=tmp_path)
+    plot = next(line for line in lines if line.startswith("PLOT"))
+    assert "'matplotlib' is not installed" in plot and "ce-dynamics[lightning]" in plot, plot
+    # the console script exists and says which extra it needs; its help works without that extra
+    command = str(tmp_path / "venv" / "bin" / "ce-dynamics")
+    proc = _run([command, "experiments"], cwd=tmp_path)
     assert proc.returncode == 1 and "ce-dynamics[train]" in proc.stderr, proc.stderr
+    for args in (["--help"], ["train", "--help"]):
+        proc = _run([command, *args], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: ce-dynamics" in proc.stdout and "pip install 'ce-dynamics[train]'" in proc.stdout, proc.stdout
 
 
 def test_console_command_finds_the_packaged_configs(wheel, tmp_path):
@@ -141,6 +154,23 @@ def test_console_command_finds_the_packaged_configs(wheel, tmp_path):
     assert "trainer.max_stepz" in proc.stderr and "max_steps" in proc.stderr
     proc = _run([str(command), "replay", "mode=train"], cwd=elsewhere)
     assert proc.returncode == 2 and "contradicts" in proc.stderr
+    # `train --help`: every key of default.yaml with its value for the experiment, meaning and accepted values
+    proc = _run([str(command), "train", "experiment=tiny_scaling", "--help"], cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    keys = {line.split()[0].split("=")[0] for line in proc.stdout.split("\nkeys (", 1)[1].splitlines()[1:]}
+    import yaml
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and f"{prefix}{key}" != "data.eval":
+                yield from leaves(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" != "data.eval":
+                yield f"{prefix}{key}"
+
+    assert set(leaves(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))) <= keys
+    assert "num_threads=1 " in proc.stdout  # tiny_scaling's own value, not default.yaml's null
+    assert "ckpt_path=null" in proc.stdout and "last_or_new" in proc.stdout  # the meaning, from the yaml comment
+    assert "[an integer >= -1 (-1: no limit)]" in proc.stdout  # the rule of trainer.max_steps
     proc = _run([str(command), "scaling", "--help"], cwd=elsewhere)
     assert proc.returncode == 0 and "--min-models" in proc.stdout
     proc = _run([str(command), "fly"], cwd=elsewhere)

@@ -309,7 +309,7 @@ def test_triton_backend_without_triton_installed_is_refused_at_construction(monk
     import ce_dynamics.metric as metric_module
 
     monkeypatch.setattr(metric_module, "triton_available", lambda: False)
-    with pytest.raises(ImportError, match="pip install triton"):
+    with pytest.raises(ImportError, match=r"pip install 'ce-dynamics\[gpu\]'"):
         CrossEntropyDecomposition(5, backend="triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -375,6 +375,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path):
     logits, target = _data(10, tokens=70)
     target[::9] = -100

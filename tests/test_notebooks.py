@@ -11,6 +11,8 @@ import pytest
 from hub_cache import build_hub_cache, offline_hub
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # training runs, a sweep and two notebooks executed (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DYNAMICS_STEPS = (0, 2, 4, 6)

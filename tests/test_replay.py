@@ -96,6 +96,7 @@ def test_walk_writes_one_row_per_revision_and_dataset(walk, tiny_hub: HubCache) 
     assert ce[4] < ce[0] - 0.1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_rows(walk, tiny_hub: HubCache, tmp_path: Path) -> None:
     """`trainer.devices=2 trainer.strategy=ddp` (gloo; 2 + 2 eval windows): the same tokens and rank counts as one
     process, log-scores equal to float32 rounding (the batch shapes differ, so the matmuls round apart)."""

@@ -121,6 +121,7 @@ def test_val_loss_and_the_decomposition_share_one_row_and_step(tmp_path):
                                                                    rel=1e-6)
 
 
+@pytest.mark.slow
 def test_train_py_val_loss_at_the_decomposition_step(tmp_path):
     out = tmp_path / "out"
     finish(launch([*config(out, tmp_path / "tok"), "trainer.max_steps=6", "trainer.val_check_interval=3",
@@ -132,6 +133,7 @@ def test_train_py_val_loss_at_the_decomposition_step(tmp_path):
         assert [int(r["step"]) for r in rows if r.get(f"decomp/{name}/cross_entropy")] == [0, 3, 6]
 
 
+@pytest.mark.slow
 def test_a_diverging_train_py_run_exits_0_with_every_validation_logged(tmp_path):
     out = tmp_path / "out"
     finish(launch([*config(out, tmp_path / "tok"), "trainer.max_steps=8", "optim.lr=10000",

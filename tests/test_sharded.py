@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 
 from ce_dynamics.metric import CrossEntropyDecomposition
 
+pytestmark = pytest.mark.slow  # two gloo processes (make test-fast leaves them out)
+
 VOCAB = 101  # odd: torch.chunk's split gives the ranks 51 and 50 columns
 IGNORE = -100
 

@@ -55,9 +55,14 @@ def test_training_summary_reads_the_last_arrays_and_lists_outputs_and_commands(t
     assert re.search(rf"^  W&B run +{re.escape(str(run))}$", text, re.M)
     assert re.search(rf"^  CSV log +{re.escape(str(out / 'csv/version_0/metrics.csv'))}$", text, re.M)
     assert re.search(rf"^  checkpoints +{re.escape(str(out / 'checkpoints'))}$", text, re.M)
-    assert "ce-dynamics train experiment=tiny trainer.max_steps=100 ckpt_path=last" in text
+    assert "ckpt_path=last" not in text  # a finished run has nothing to resume
     assert f"wandb sync {run}" in text and f"wandb leet {out / 'wandb'}" in text
     assert "notebooks/training_dynamics.ipynb" in text
+    failed = summary_text("train", out, ["experiment=tiny", "trainer.max_steps=100"], exit_code=1,
+                          prog="ce-dynamics train")
+    assert re.search(r"resume: +\S*ce-dynamics train experiment=tiny trainer.max_steps=100 ckpt_path=last$", failed,
+                     re.M), failed
+    assert "wandb" not in failed.split("next:")[1] and "notebook" not in failed  # only the rerun, after a failure
 
 
 def test_replay_summary_takes_the_last_step_per_model_and_dataset(tmp_path: Path):
@@ -66,10 +71,12 @@ def test_replay_summary_takes_the_last_step_per_model_and_dataset(tmp_path: Path
              "mean_reciprocal_rank": 0.6, "num_tokens": 1000, "non_embedding_params": 10}
             for s in (2000, 1000) for d in ("code", "prose")]
     tmp_path.joinpath("results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = summary_text("replay", tmp_path, [], exit_code=1)
+    text = summary_text("replay", tmp_path, [], exit_code=1, prog="ce-dynamics replay")
     assert "ended with exit code 1" in text
     assert _row_numbers(text, "org/m step2000 code")[0] == pytest.approx(3.0)
     assert "step1000" not in text
+    assert re.search(r"rerun: +\S*ce-dynamics replay ", text), text
+    text = summary_text("replay", tmp_path, [], exit_code=0, prog="ce-dynamics replay")
     assert f"ce-dynamics scaling {tmp_path / 'results.jsonl'}" in text
 
 
@@ -102,3 +109,25 @@ def test_progress_bar_counts_optimizer_steps_and_summary_drops_zero_flops(tmp_pa
     summary = "\n".join(r.getMessage() for r in caplog.records if "Trainable params" in r.getMessage())
     assert "Trainable params" in summary and "flops" not in summary.lower()
     assert console_callbacks({"enable_progress_bar": False, "enable_model_summary": False}) == []
+
+
+def test_quiet_filters_drop_only_the_exact_third_party_messages(caplog):
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from ce_dynamics.runs.quiet import quiet_third_party
+
+    quiet_third_party()
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("\U0001f4a1 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+                       "(https://pypi.org/project/litlogger/) to enable LitLogger")
+        rank_zero_info("GPU available: False, used: False")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party()  # its filter goes in front of "always"
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("ckpt_path is deprecated", FutureWarning)  # any other message still shows
+    assert [str(w.message) for w in seen] == ["ckpt_path is deprecated"]

@@ -16,6 +16,8 @@ import torch
 from ce_dynamics.functional import KEYS, decomposition_from_state
 from test_callback import wandb_history
 
+pytestmark = pytest.mark.slow  # end-to-end train.py runs, DDP included (make test-fast leaves them out)
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["code", "prose"]
 

@@ -1,6 +1,6 @@
 """The paper's figures drawn from our own saved results and arrays (shared by the CLI and the notebooks).
 
-- fig. 3 :func:`plot_components_vs_step`: CE, EE, SA, Conf against training step (log axis)
+- fig. 3 :func:`plot_components_vs_step`: CE and EE, then SA and Conf, against training step (log axis)
 - fig. 4 :func:`plot_p_e_steps`: the RBE distribution p_e at several steps
 - fig. 6 :func:`plot_p_e_q_e_steps`: p_e against q_e at several steps (one panel each)
 - fig. 7 :func:`plot_scaling_law`: each component against non-embedding parameters with its power-law fit
@@ -48,32 +48,44 @@ LONG_NAMES = {
 _MARKERS = "osD^vP*Xhp<>"
 
 
-def plot_components_vs_step(numbers: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Figure:
-    """Fig. 3: CE, EE, SA and Conf against training step, one panel per dataset.
+SIGNS = {"cross_entropy": "= EE + SA \u2212 Conf", "error_entropy": "+ in CE", "self_alignment": "+ in CE",
+         "confidence": "\u2212 in CE"}
 
-    ``numbers`` is ``{dataset: {step: {component: value}}}`` (e.g. ``scaling.decompose_arrays``). The step
-    axis is symmetric-log so that step 0 (the untrained model) stays on it.
+
+def component_label(comp: str) -> str:
+    """A legend label that says the component's sign in CE = EE + SA - Conf, e.g. "Confidence Conf (- in CE)"."""
+    return f"{LONG_NAMES[comp]} {SHORT_NAMES[comp]} ({SIGNS[comp]})"
+
+
+def plot_components_vs_step(numbers: Mapping[str, Mapping[int, Mapping[str, float]]]) -> Figure:
+    """Fig. 3: CE, EE, SA and Conf against training step, one column per dataset.
+
+    ``numbers`` is ``{dataset: {step: {component: value}}}`` (e.g. ``scaling.decompose_arrays``). CE and EE
+    share the top panel; SA and Conf, an order of magnitude smaller, get the bottom one, so their changes show.
+    The step axis is symmetric-log so that step 0 (the untrained model) stays on it.
     """
     datasets = list(numbers)
-    fig = Figure(figsize=(4.6 * len(datasets), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, dataset in zip(axes, datasets):
+    fig = Figure(figsize=(4.6 * len(datasets), 5.6), layout="constrained")
+    axes = fig.subplots(2, len(datasets), squeeze=False, sharex="col")
+    for column, dataset in enumerate(datasets):
         steps = sorted(numbers[dataset])
-        for comp in COMPONENTS:
-            values = [float(numbers[dataset][s][comp]) for s in steps]
-            ax.plot(steps, values, marker="o", ms=3, color=COLORS[comp],
-                    label=f"{LONG_NAMES[comp]} ({SHORT_NAMES[comp]})")
-            if all(f"{comp}_lo" in numbers[dataset][s] for s in steps):  # the bootstrap's 95% band
-                ax.fill_between(steps, [float(numbers[dataset][s][f"{comp}_lo"]) for s in steps],
-                                [float(numbers[dataset][s][f"{comp}_hi"]) for s in steps], color=COLORS[comp],
-                                alpha=0.2, lw=0)
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(left=0)
-        ax.set_xlabel("training step (log scale)")
-        ax.set_ylabel("nats per token")
-        ax.set_title(dataset)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        for row, comps in enumerate((COMPONENTS[:2], COMPONENTS[2:])):
+            ax = axes[row][column]
+            for comp in comps:
+                values = [float(numbers[dataset][s][comp]) for s in steps]
+                ax.plot(steps, values, marker="o", ms=3, color=COLORS[comp], label=component_label(comp))
+                if all(f"{comp}_lo" in numbers[dataset][s] for s in steps):  # the bootstrap's 95% band
+                    ax.fill_between(steps, [float(numbers[dataset][s][f"{comp}_lo"]) for s in steps],
+                                    [float(numbers[dataset][s][f"{comp}_hi"]) for s in steps], color=COLORS[comp],
+                                    alpha=0.2, lw=0)
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(left=0)
+            ax.set_ylabel("nats per token")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7.5)
+        axes[0][column].set_title(dataset)
+        axes[1][column].axhline(0.0, color="grey", lw=0.8)
+        axes[1][column].set_xlabel("training step (log scale)")
     return fig
 
 
@@ -83,21 +95,18 @@ def plot_p_e_steps(p_e_by_step: Mapping[int, np.ndarray], ax=None, title: str | 
     Beyond the first ranks p_e is averaged over log-spaced rank buckets (``plotting.rank_bucket_edges``) so
     the sparse tail reads as a curve; each point is the mean probability of one rank in its bucket.
     """
-    from ce_dynamics.plotting import bucket_sums, rank_bucket_edges
+    from ce_dynamics.plotting import binned_p_e_q_e
 
     fig, ax = _figure_and_axes(ax, (5.0, 3.8))
     cmap = _step_colors(len(p_e_by_step))
     for color, (step, p_e) in zip(cmap, sorted(p_e_by_step.items())):
         p_e = np.asarray(p_e, dtype=np.float64)
-        edges = rank_bucket_edges(p_e.size, max_buckets=max_buckets)
-        mean = bucket_sums(p_e, edges) / np.diff(edges)
-        centre = np.sqrt((edges[:-1] + 1.0) * edges[1:])  # geometric centre of ranks e+1 in the bucket
-        keep = mean > 0
-        ax.plot(centre[keep], mean[keep], marker="o", ms=2.5, lw=1.2, color=color, label=f"step {step}")
+        centre, mean, _ = binned_p_e_q_e(p_e, p_e, max_buckets)
+        ax.plot(centre, mean, marker="o", ms=2.5, lw=1.2, color=color, label=f"step {step}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rank of the ground-truth token (RBE + 1)")
-    ax.set_ylabel("$p_e$ (fraction of tokens)")
+    ax.set_ylabel("$p_e$ (per-rank mean in log-spaced bins)")
     ax.set_title(title or "RBE distribution $p_e$ during training")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -118,7 +127,8 @@ def plot_p_e_q_e_steps(numbers: Mapping[int, Mapping[str, np.ndarray]], steps: S
     fig = Figure(figsize=(4.2 * len(steps), 3.8), layout="constrained")
     axes = fig.subplots(1, len(steps), squeeze=False)[0]
     for ax, step in zip(axes, steps):
-        plot_p_e_q_e(np.asarray(numbers[step]["p_e"]), np.asarray(numbers[step]["q_e"]), ax=ax, title=f"step {step}")
+        plot_p_e_q_e(np.asarray(numbers[step]["p_e"]), np.asarray(numbers[step]["q_e"]), ax=ax, title=f"step {step}",
+                     values=numbers[step])
     return fig
 
 
@@ -145,7 +155,8 @@ def plot_scaling_law(
                 pts = [r for r in subset if family_of(r) == family]
                 if pts:
                     ax.scatter([r["non_embedding_params"] for r in pts], [abs(r[comp]) for r in pts],
-                               marker=_MARKERS[k % len(_MARKERS)], s=28, color=f"C{k}", label=family, zorder=3)
+                               marker=_MARKERS[k % len(_MARKERS)], s=28, color=f"C{k}",
+                               label=f"{family}: {_plotted_as(comp, [r[comp] for r in subset])}", zorder=3)
                     _error_bars(ax, pts, comp, f"C{k}")
             if fit_group is not None:
                 fit = fits[fit_group][dataset][comp]
@@ -155,10 +166,10 @@ def plot_scaling_law(
             ax.set_xscale("log")
             ax.set_yscale("log")
             _plain_log_ticks(ax)
-            negative = all(r[comp] < 0 for r in subset)
-            ax.set_ylabel(("$-$" if negative else "") + f"{SHORT_NAMES[comp]} ({unit})")
+            shown = _plotted_as(comp, [r[comp] for r in subset])
+            ax.set_ylabel(f"{shown.split(' (')[0]} ({unit})")
             ax.set_xlabel("non-embedding parameters")
-            ax.set_title(f"{LONG_NAMES[comp]} - {dataset}", fontsize=10)
+            ax.set_title(f"{LONG_NAMES[comp]} - {dataset}\nplotted: {shown}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     return fig
@@ -169,12 +180,13 @@ def plot_component_shares(rows: Sequence[Mapping], convention: str = "absolute")
 
     Shares are :func:`ce_dynamics.analysis.scaling.component_shares`: by default ``|M| / (|EE| + |SA| + |Conf|)``
     (they sum to 100%, as the paper's figure reads); ``convention="signed"``: ``M / CE``, which satisfy
-    EE% + SA% - Conf% = 100%.
+    EE% + SA% - Conf% = 100%. The share axis is logarithmic (symmetric-log for signed shares, which can be
+    negative), so SA and Conf at 1-2% read as clearly as EE at 90%; each line ends with its last value.
     """
     datasets = dataset_order(rows)
     families = sorted({family_of(r) for r in rows})
     signed = convention == "signed"
-    fig = Figure(figsize=(4.8 * len(datasets), 3.8), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(datasets), 4.0), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     for ax, dataset in zip(axes, datasets):
         for k, family in enumerate(families):
@@ -185,20 +197,55 @@ def plot_component_shares(rows: Sequence[Mapping], convention: str = "absolute")
             x = [r["non_embedding_params"] for r in subset]
             shares = [component_shares(r, convention) for r in subset]
             for comp in COMPONENTS[1:]:
-                label = f"{SHORT_NAMES[comp]} / CE" if signed else f"|{SHORT_NAMES[comp]}|"
-                ax.plot(x, [100.0 * s[comp] for s in shares], marker=_MARKERS[k % len(_MARKERS)], ms=5,
-                        color=COLORS[comp], label=label if k == 0 else None)
+                y = [100.0 * s[comp] for s in shares]
+                label = (f"{SHORT_NAMES[comp]} / CE ({SIGNS[comp]})" if signed
+                         else f"|{SHORT_NAMES[comp]}| share ({SIGNS[comp]})")
+                ax.plot(x, y, marker=_MARKERS[k % len(_MARKERS)], ms=5, color=COLORS[comp],
+                        label=label if k == 0 else None)
+                ax.annotate(f"{y[-1]:.1f}%", (x[-1], y[-1]), xytext=(4, 0), textcoords="offset points",
+                            fontsize=7, color=COLORS[comp], va="center")
         if len(families) > 1:  # markers tell families apart; colours tell components apart
             for k, family in enumerate(families):
                 ax.plot([], [], _MARKERS[k % len(_MARKERS)], color="grey", label=family)
-        ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
+        if signed:
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.axhline(0.0, color="grey", lw=0.8)
+        else:
+            ax.set_yscale("log")
+        _percent_ticks(ax)
         ax.set_xlabel("non-embedding parameters")
-        ax.set_ylabel("share of cross-entropy (%)" if signed else "share of |EE| + |SA| + |Conf| (%)")
+        ax.set_ylabel("share of cross-entropy (%, log scale)" if signed
+                      else "share of |EE| + |SA| + |Conf| (%, log scale)")
         ax.set_title(dataset)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="major")
+        ax.margins(x=0.2)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 2.5)  # room above EE's line for the legend
+        ax.legend(fontsize=7, loc="upper left", ncols=3)
     return fig
+
+
+def _plotted_as(comp: str, values: Sequence[float]) -> str:
+    """What a log panel of ``|M|`` shows, in words with the sign: "EE", "-Conf" (all negative) or "|Conf|"."""
+    name = SHORT_NAMES[comp]
+    if all(v < 0 for v in values):
+        return f"\u2212{name} (every {name} < 0)"
+    if any(v < 0 for v in values):
+        return f"|{name}| (signs differ)"
+    return name
+
+
+def _percent_ticks(ax) -> None:
+    """Plain percent labels (0.1, 1, 10, 100) on a log or symlog share axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = [0.1, 0.3, 1, 3, 10, 30, 100]
+    if ax.get_yscale() == "symlog":  # linear within +-1%: 0.1 and 0.3 would crowd 0
+        ticks = [-t for t in ticks[:1:-1]] + [0] + ticks[2:]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def save_scaling_figures(

@@ -214,5 +214,6 @@ class CEDecompositionTrainerCallback(TrainerCallback):
         media = {f"decomp/{name}/{key}": hist
                  for key, hist in wandb_rank_histograms(p_e, q_e, self.max_buckets).items()}
         renderer = self._renderers.setdefault(name, PEQERenderer())
-        media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
+        media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}",
+                                                                          values=out))
         wandb.run.log({**media, "train/global_step": step})

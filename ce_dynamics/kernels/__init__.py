@@ -33,7 +33,7 @@ def ranks_and_log_scores_triton(logits: Tensor, target: Tensor, ignore_index: in
     """
     if not triton_available():
         raise ImportError(
-            "backend='triton' needs the `triton` package (`pip install triton`, Linux); "
+            "backend='triton' needs the `triton` package (the [gpu] extra: `pip install 'ce-dynamics[gpu]'`, Linux); "
             "backend='torch' runs everywhere."
         )
     from ce_dynamics.kernels.triton_rank import launch

@@ -133,16 +133,19 @@ class WandbMedia:
         from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
 
         media: dict[str, Any] = {}
-        for name, (p_e, q_e) in distributions.items():
+        for name, (p_e, q_e, *values) in distributions.items():  # values: the scalars, for the image's panel
             for key, histogram in wandb_rank_histograms(p_e, q_e, self.max_buckets if max_buckets is None else max_buckets).items():  # x: log10(rank + 1)
                 media[f"{ROW_PREFIX}{name}/{key}"] = histogram
             renderer = self._renderers.setdefault(name, PEQERenderer())
-            media[f"{ROW_PREFIX}{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}"))
+            media[f"{ROW_PREFIX}{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}",
+                                                                                  values=values[0] if values else None))
         return media
 
 
-def distributions_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {name: (out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy()) for name, out in results.items()}
+def distributions_of(results: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    """Per eval set: ``(p_e, q_e, {0-dim result: float})`` for the W&B media."""
+    return {name: (out["p_e"].cpu().numpy(), out["q_e"].cpu().numpy(),
+                   {k: float(v) for k, v in out.items() if getattr(v, "ndim", 1) == 0}) for name, out in results.items()}
 
 
 # --------------------------------------------------------------------------------------------- back-fill

@@ -28,20 +28,32 @@ train a family of sizes (sweep), fit the scaling laws of a results file (scaling
 
   key=value     OmegaConf overrides of configs/default.yaml and configs/experiment/<name>.yaml, e.g.
                 experiment=pythia160m trainer.max_steps=400 logger.wandb.mode=online
-  -h, --help    this message; `ce-dynamics scaling --help` for the scaling options
+  -h, --help    this message; with a command (`ce-dynamics train --help`, `python train.py --help`) also every
+                config key with its value, meaning and accepted values; `ce-dynamics scaling --help` for the
+                scaling options
 
 configs: {config_dir}
 experiments: {experiments}
 """
 
 
-def _usage() -> str:
+HELP = ("-h", "--help")
+
+
+def _usage(argv: Sequence[str] = (), keys: bool = False) -> str:
+    """The usage text; with `keys`, every config key with its value, meaning and accepted values (for the
+    experiment `argv` names). Without the [train] extra: the usage and which extra to install."""
     from ce_dynamics._extras import require
 
-    require("omegaconf")
-    from ce_dynamics.runs.config import CONFIG_DIR, available_experiments
+    try:
+        require("omegaconf")
+    except ImportError as err:  # the message names the extra and how to install it here
+        return USAGE.format(config_dir="(in the package)", experiments="(listed once [train] is installed)") \
+            + f"\ntrain, replay, sweep and experiments need the [train] extra: {err}"
+    from ce_dynamics.runs.config import CONFIG_DIR, available_experiments, keys_help
 
-    return USAGE.format(config_dir=CONFIG_DIR, experiments=", ".join(available_experiments()))
+    text = USAGE.format(config_dir=CONFIG_DIR, experiments=", ".join(available_experiments()))
+    return text + "\n" + keys_help(list(argv)) if keys else text
 
 
 def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
@@ -49,14 +61,19 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     (2 for config errors). `python train.py` and `ce-dynamics train|replay|sweep` both land here."""
     from ce_dynamics._extras import require
 
+    if any(a in HELP for a in argv):
+        print(_usage([a for a in argv if a not in HELP], keys=True))
+        return 0
     require("omegaconf")
     from ce_dynamics.runs.config import ConfigError, load_config, preflight
+    from ce_dynamics.runs.quiet import quiet_third_party
 
+    quiet_third_party()
     argv = list(argv)
     try:  # a config error (bad key or value, missing ckpt_path, unwritable output_dir, a fresh run into a
         # directory holding a run) prints one line and returns 2, before torch or lightning is imported
         cfg = load_config(argv)
-        preflight(cfg)
+        preflight(cfg, argv, prog)
         code = _dispatch(cfg, argv)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
@@ -65,7 +82,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
         return code
     from ce_dynamics.runs.summary import print_summary
 
-    print_summary(cfg, argv, exit_code=code)
+    print_summary(cfg, argv, exit_code=code, prog=prog)
     return code
 
 
@@ -106,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args or args[0] in (*HELP, "help"):
         print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
@@ -115,6 +132,9 @@ def _main(args: list[str]) -> int:
 
         return scaling_main(rest)
     if command == "experiments":
+        from ce_dynamics._extras import require
+
+        require("omegaconf")
         from ce_dynamics.runs.config import available_experiments
 
         print("\n".join(available_experiments()))
@@ -123,8 +143,8 @@ def _main(args: list[str]) -> int:
         print(f"ce-dynamics: unknown command {command!r}; expected one of train, replay, sweep, scaling, "
               f"experiments (ce-dynamics --help)", file=sys.stderr)
         return 2
-    if any(a in ("-h", "--help") for a in rest):
-        print(_usage())
+    if any(a in HELP for a in rest):
+        print(_usage([a for a in rest if a not in HELP and not a.startswith("mode=")], keys=True))
         return 0
     given = [a for a in rest if a.startswith("mode=")]
     if given and given[-1] != f"mode={command}":

@@ -17,10 +17,12 @@ require("omegaconf")
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ce_dynamics.runs.commands import rerun
 from ce_dynamics.runs.config_schema import ConfigError, check_types, flat_items
 from ce_dynamics.runs.shards import MERGE, parse_shard, shard_dir
 
-__all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config", "preflight"]
+__all__ = ["CONFIG_DIR", "RESUME_VALUES", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config",
+           "preflight"]
 
 
 def _config_dir() -> Path:
@@ -125,30 +127,45 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"overwrite=true starts afresh but ckpt_path={cfg.ckpt_path} resumes: give one of them")
 
 
-def preflight(cfg: DictConfig) -> None:
+RESUME_VALUES = ("last", "last_or_new")
+
+
+def preflight(cfg: DictConfig, argv: list[str] | None = None, prog: str = "train.py") -> None:
     """Refuse, before any work, what would fail or damage a run later; with `overwrite=true`, clear the old run.
 
-    * `ckpt_path` must be null, `last` or an existing path;
+    * `ckpt_path` must be null, `last`, `last_or_new` or an existing path; `last` also needs a run in
+      `output_dir` to resume (a misspelt output_dir must not silently become a new run); `last_or_new` resumes
+      one if there is one, else starts afresh (what sweep members use);
     * `output_dir` must be a directory this process can write (or creatable in one);
     * a fresh `mode=train` run (ckpt_path null) refuses an output_dir that holds a run (any of RUN_ENTRIES),
       naming the ways on, unless `overwrite=true`, which deletes those entries (nothing else) first.
       Replay and sweep reruns resume by design and are never refused; nor is a non-zero rank of a launch.
+    `argv` and `prog` (the command line as given) phrase the commands a refusal suggests.
     Raises ConfigError; changes nothing on refusal.
     """
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).exists():
+    if cfg.ckpt_path not in (None, *RESUME_VALUES) and not Path(cfg.ckpt_path).exists():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file; expected null, 'last' "
-                          f"(output_dir/checkpoints/last.ckpt) or the path of a checkpoint")
+                          f"(output_dir/checkpoints/last.ckpt), 'last_or_new' or the path of a checkpoint")
     out = Path(cfg.output_dir)
     _check_writable(out)
-    if cfg.mode != "train" or cfg.ckpt_path is not None or not _first_process():
+    if cfg.mode != "train" or not _first_process():
         return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
-    if not existing:
+    args = [a for a in (argv or []) if not a.startswith(("ckpt_path=", "overwrite="))]
+    if cfg.ckpt_path == "last" and not existing:
+        raise ConfigError(
+            f"ckpt_path=last: output_dir {out} holds no run to resume (no checkpoints/, arrays/, csv/ or wandb/); "
+            f"check output_dir, start a new run without ckpt_path ({rerun(args, prog)}), or pass "
+            f"ckpt_path=last_or_new to resume if there is a run and start afresh if not"
+        )
+    if cfg.ckpt_path is not None or not existing:
         return
     if not cfg.overwrite:
         raise ConfigError(
-            f"output_dir {out} already holds a run ({', '.join(existing)}); resume it with ckpt_path=last, or start "
-            f"a new run with output_dir=<another directory> (overwrite=true deletes the old run first)"
+            f"output_dir {out} already holds a run ({', '.join(existing)}); resume it with "
+            f"{rerun([*args, 'ckpt_path=last'], prog)}, start afresh with "
+            f"{rerun([*args, 'overwrite=true'], prog)} (deletes the old run), or start a new run "
+            f"with output_dir=<another directory>"
         )
     for name in existing:
         path = out / name
@@ -175,3 +192,60 @@ def _check_writable(out: Path) -> None:
     except OSError as err:
         raise ConfigError(f"output_dir={out} is not writable ({err.strerror} in {probe}); expected a directory "
                           f"this user can write, e.g. output_dir=/tmp/run") from None
+
+
+def _default_comments(config_dir: Path) -> dict[str, str]:
+    """`{dotted key: its comment in default.yaml}`, a comment continued on the lines below it included (the
+    data.eval catalog's entries are examples, not keys, and are left out)."""
+    comments: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing sections
+    last: tuple[int, str] | None = None  # (column of the comment, key) of the last key line with a comment
+    for line in (config_dir / "default.yaml").read_text(encoding="utf-8").splitlines():
+        body, _, comment = line.partition("#")
+        indent = len(line) - len(line.lstrip())
+        if not body.strip():
+            if comment and last and line.index("#") == last[0]:  # a comment continued on its own line
+                comments[last[1]] += " " + comment.strip()
+            continue
+        key = body.strip().split(":", 1)[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        last = (line.index("#"), dotted) if comment else None
+        if comment and not dotted.startswith("data.eval."):
+            comments[dotted] = comment.strip()
+    return comments
+
+
+def keys_help(argv: list[str], config_dir: Path = CONFIG_DIR) -> str:
+    """Every config key with its value (default.yaml <- the experiment <- `argv`), what it means (the comment in
+    default.yaml) and what it accepts (its rule in config_schema.RULES): what `train.py --help` prints."""
+    from ce_dynamics.runs.config_schema import RULES
+
+    try:
+        cfg = load_config([a for a in argv if not a.startswith(("-h", "--help"))], config_dir)
+    except ConfigError:
+        cfg = load_config([], config_dir)
+    comments = _default_comments(config_dir)
+    items = [(k, v) for k, v in flat_items(cfg) if k != "data.eval"]
+    width = max(len(f"{k}={_typed(v)}") for k, v in items)
+    lines = [f"keys (experiment={cfg.experiment}: configs/default.yaml <- experiment/{cfg.experiment}.yaml; "
+             f"set any with key=value):"]
+    for key, value in items:
+        meaning = comments.get(key, "")
+        rule = RULES.get(key)
+        accepts = f"[{rule.expected}]" if rule is not None else ""
+        lines.append(f"  {f'{key}={_typed(value)}'.ljust(width)}  {'  '.join(x for x in (meaning, accepts) if x)}".rstrip())
+    lines.append(f"  {'data.eval.<name>.source=...'.ljust(width)}  {comments.get('data.eval', '')} "
+                 f"(sets: {', '.join(cfg.data.eval)}; fields source, path, name, split, field)")
+    lines.append(f"  {'trainer.<argument>=...'.ljust(width)}  any other argument of lightning.Trainer")
+    return "\n".join(lines)
+
+
+def _typed(value: object) -> str:
+    """A value as it is typed on the command line."""
+    if isinstance(value, list):
+        return "[" + ",".join(map(_typed, value)) + "]"
+    return {None: "null", True: "true", False: "false"}.get(value, str(value)) if not isinstance(value, (int, float)) \
+        or isinstance(value, bool) else str(value)

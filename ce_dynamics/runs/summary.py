@@ -17,6 +17,7 @@ import numpy as np
 from ce_dynamics.bootstrap import summary_of_state
 from ce_dynamics.files import load_state, state_files
 from ce_dynamics.functional import decomposition_from_state
+from ce_dynamics.runs.commands import rerun, shown_path, tool
 
 _COLUMNS = (("cross_entropy", "CE"), ("error_entropy", "EE"), ("self_alignment", "SA"), ("confidence", "Conf"),
             ("accuracy", "acc"), ("num_tokens", "tokens"))
@@ -97,33 +98,52 @@ def locations(output_dir: Path) -> dict[str, Path]:
         found["arrays"] = arrays[0] if len(arrays) == 1 else output_dir
     if (output_dir / "results.jsonl").is_file():
         found["results"] = output_dir / "results.jsonl"
+    figures = sorted(output_dir.glob("*.png"))
+    if figures:
+        found["figures"] = output_dir if len(figures) > 1 else figures[0]
     if (output_dir / "checkpoints").is_dir():
         found["checkpoints"] = output_dir / "checkpoints"
     return found
 
 
-def next_commands(mode: str, argv: Sequence[str], output_dir: Path, where: Mapping[str, Path]) -> list[str]:
-    """The commands a user is likely to want next."""
-    args = [a for a in argv if not a.startswith(("ckpt_path=", "mode="))]
+def next_commands(mode: str, argv: Sequence[str], output_dir: Path, where: Mapping[str, Path], exit_code: int = 0,
+                  prog: str = "train.py") -> list[str]:
+    """The commands a user is likely to want next, each runnable as printed (see `ce_dynamics.runs.commands`):
+    after a failure only the rerun that resumes; after a success the ways to look at what the run wrote."""
+    args = [a for a in argv if not a.startswith(("ckpt_path=", "overwrite="))]
+    if exit_code != 0:
+        if mode == "train" and any((output_dir / name).exists() for name in ("checkpoints", "arrays")):
+            return [f"resume:     {rerun([*args, 'ckpt_path=last'], prog)}"]
+        if mode in ("replay", "sweep") and (output_dir / "results.jsonl").is_file():
+            return [f"rerun:      {rerun(args, prog)}   (does only what is missing)"]
+        return []
     commands = []
-    if mode == "train" and (output_dir / "checkpoints" / "last.ckpt").is_file():
-        commands.append(f"resume:     ce-dynamics train {shlex.join([*args, 'ckpt_path=last'])}".rstrip())
-    if mode == "replay":
-        commands.append(f"rerun:      ce-dynamics replay {shlex.join(args)}   (skips the rows already done)".rstrip())
-    if "W&B run" in where:
+    wandb = tool("wandb")
+    if "W&B run" in where and wandb:
         run = where["W&B run"]
-        commands.append(f"browse:     wandb leet {shlex.quote(str(run.parent))}")
+        commands.append(f"metrics:    {wandb} leet inspect --summary {shlex.quote(shown_path(run))}")
+        commands.append(f"browse:     {wandb} leet {shlex.quote(shown_path(run.parent))}   (terminal UI; q quits)")
         if run.name.startswith("offline-run-"):
-            commands.append(f"upload:     wandb sync {shlex.quote(str(run))}")
-    if "results" in where:
-        commands.append(f"scaling:    ce-dynamics scaling {shlex.quote(str(where['results']))}")
+            commands.append(f"upload:     {wandb} sync {shlex.quote(shown_path(run))}   (after wandb login)")
+    if "results" in where and mode == "replay":  # a sweep printed its scaling tables already
+        commands.append(f"scaling:    {scaling_command(where['results'])}")
     notebook = "scaling_law" if "results" in where else "training_dynamics"
-    commands.append(f"notebook:   jupyter execute notebooks/{notebook}.ipynb   "
-                    f"(set {'results_path' if 'results' in where else 'run_dir'} = {str(output_dir)!r})")
+    papermill = tool("papermill")
+    if (Path("notebooks") / f"{notebook}.ipynb").is_file() and papermill and (where.get("results") or "arrays" in where):
+        parameter = (f"results_path {shlex.quote(shown_path(where['results']))}" if "results" in where
+                     else f"run_dir {shlex.quote(shown_path(output_dir))}")
+        commands.append(f"notebook:   {papermill} notebooks/{notebook}.ipynb "
+                        f"{shlex.quote(shown_path(output_dir / f'{notebook}.ipynb'))} -p {parameter}")
     return commands
 
 
-def summary_text(mode: str, output_dir: str | Path, argv: Sequence[str] = (), exit_code: int = 0) -> str:
+def scaling_command(results: Path) -> str:
+    """`ce-dynamics scaling RESULTS` as this environment runs it."""
+    return f"{tool('ce-dynamics') or 'ce-dynamics'} scaling {shlex.quote(shown_path(results))}"
+
+
+def summary_text(mode: str, output_dir: str | Path, argv: Sequence[str] = (), exit_code: int = 0,
+                 prog: str = "train.py") -> str:
     """The summary as text (see the module docstring)."""
     out = Path(output_dir)
     status = "finished" if exit_code == 0 else f"ended with exit code {exit_code}"
@@ -137,11 +157,14 @@ def summary_text(mode: str, output_dir: str | Path, argv: Sequence[str] = (), ex
     if where:
         width = max(len(k) for k in where)
         lines += ["", "outputs:", *(f"  {k.ljust(width)}  {v}" for k, v in where.items())]
-    lines += ["", "next:", *(f"  {c}" for c in next_commands(mode, argv, out, where))]
+    commands = next_commands(mode, argv, out, where, exit_code, prog)
+    if commands:
+        lines += ["", "next:", *(f"  {c}" for c in commands)]
     return "\n".join(lines)
 
 
-def print_summary(cfg: Any, argv: Sequence[str] = (), exit_code: int = 0, file: TextIO | None = None) -> None:
+def print_summary(cfg: Any, argv: Sequence[str] = (), exit_code: int = 0, file: TextIO | None = None,
+                  prog: str = "train.py") -> None:
     """Print :func:`summary_text` for a composed config (global rank zero only, under DDP)."""
     try:
         from lightning.pytorch.utilities import rank_zero_only
@@ -150,4 +173,4 @@ def print_summary(cfg: Any, argv: Sequence[str] = (), exit_code: int = 0, file: 
             return
     except ImportError:
         pass
-    print("\n" + summary_text(str(cfg.mode), cfg.output_dir, argv, exit_code), file=file or sys.stdout, flush=True)
+    print("\n" + summary_text(str(cfg.mode), cfg.output_dir, argv, exit_code, prog), file=file or sys.stdout, flush=True)

@@ -41,7 +41,7 @@ def member_config(argv: Sequence[str], hidden: int, layers: int) -> DictConfig:
     base = load_config(["experiment=tiny_scaling", *argv])
     heads = 4 if hidden % 4 == 0 else 2
     return load_config([
-        "experiment=tiny_scaling", *argv, "mode=train", "ckpt_path=last",  # a killed member resumes
+        "experiment=tiny_scaling", *argv, "mode=train", "ckpt_path=last_or_new",  # a killed member resumes
         f"model.hidden_size={hidden}", f"model.num_hidden_layers={layers}", f"model.num_attention_heads={heads}",
         f"model.intermediate_size={4 * hidden}", f"output_dir={Path(base.output_dir) / member_name(hidden, layers)}",
     ])

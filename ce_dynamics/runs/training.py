@@ -116,9 +116,13 @@ def build_loggers(cfg: DictConfig, run_name: str) -> list[Logger]:
         return loggers
 
     def wandb_logger(mode: str) -> WandbLogger:
-        return WandbLogger(project=cfg.logger.wandb.project, name=run_name, save_dir=str(out),
-                           id=_wandb_run_id(out, run_name), resume="allow", mode=mode,
-                           config=OmegaConf.to_container(cfg, resolve=True))
+        logger = WandbLogger(project=cfg.logger.wandb.project, name=run_name, save_dir=str(out),
+                             id=_wandb_run_id(out, run_name), resume="allow", mode=mode,
+                             config=OmegaConf.to_container(cfg, resolve=True))
+        init = getattr(logger, "_wandb_init", {})
+        if "anonymous" in init and init["anonymous"] is None:  # Lightning passes anonymous=None, and wandb warns
+            del init["anonymous"]                                # "The anonymous setting has no effect" for it
+        return logger
 
     logger = wandb_logger(mode)
     if mode == "online":
@@ -177,11 +181,12 @@ def run_training(cfg: DictConfig) -> int:
     callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step"),
                  *console_callbacks(cfg.trainer)]  # a progress bar over optimizer steps; no "Total FLOPs: 0"
     ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
+    if ckpt_path in ("last", "last_or_new"):  # preflight refused `last` on a folder holding no run at all
         last = out / "checkpoints" / "last.ckpt"
         ckpt_path = str(last) if last.exists() else None
-        if ckpt_path is None:
-            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+        if ckpt_path is None and cfg.ckpt_path == "last":
+            log.info("no checkpoint in %s yet (the run stopped before its first one): starting at step 0; the "
+                     "validations already saved in arrays/ are not logged twice", last.parent)
     loggers = build_loggers(cfg, run_name=cfg.experiment)
     trainer = build_trainer(cfg, callbacks, loggers)
     try:
