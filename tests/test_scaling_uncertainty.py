@@ -147,8 +147,8 @@ def test_figures_draw_bands_and_error_bars_only_where_the_numbers_have_intervals
         return {"code": steps}
 
     for with_band, bands in ((True, len(COMPONENTS)), (False, 0)):
-        ax = plot_components_vs_step(numbers(with_band)).axes[0]
-        assert sum(isinstance(c, PolyCollection) for c in ax.collections) == bands
+        fig = plot_components_vs_step(numbers(with_band))  # CE/EE on top, SA/Conf below: one band per line
+        assert sum(isinstance(c, PolyCollection) for ax in fig.axes for c in ax.collections) == bands
     rows = four_models()
     with_bars = [{**r, **{f"{c}_lo": r[c] - 0.01 for c in COMPONENTS}, **{f"{c}_hi": r[c] + 0.01 for c in COMPONENTS}}
                  for r in rows]
