@@ -112,6 +112,14 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.eval_sets must name entries of data.eval; unknown {unknown}, available: {', '.join(cfg.data.eval)}"
         )
+    repeated = sorted({n for n in cfg.data.eval_sets if list(cfg.data.eval_sets).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"data.eval_sets={list(cfg.data.eval_sets)}: {', '.join(repeated)} named twice; expected "
+                          f"each eval set once (one validation dataloader and one record per name)")
+    train = cfg.data.train
+    if train.source in ("file", "hf") and not train.path:
+        what = "a text or .jsonl file" if train.source == "file" else "a Hugging Face dataset id"
+        raise ConfigError(f"data.train.path=null: expected {what} for data.train.source={train.source}")
     m = cfg.model
     if m.pretrained and not m.hub_id:
         raise ConfigError("model.pretrained=true needs model.hub_id (the Hugging Face id to load)")
@@ -137,6 +145,13 @@ def preflight(cfg: DictConfig) -> None:
                           f"(output_dir/checkpoints/last.ckpt) or the path of a checkpoint")
     out = Path(cfg.output_dir)
     _check_writable(out)
+    _check_writable(Path(cfg.data.cache_dir).expanduser(), "data.cache_dir")
+    files = {"data.train.path": cfg.data.train.path} if cfg.data.train.source == "file" else {}
+    files.update({f"data.eval.{name}.path": cfg.data.eval[name].get("path") for name in cfg.data.eval_sets
+                  if cfg.data.eval[name].get("source") == "file"})
+    for key, path in files.items():
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{key}={path}: no such file; expected a text file or a .jsonl (a document per line)")
     if cfg.mode != "train" or cfg.ckpt_path is not None or not _first_process():
         return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
@@ -160,15 +175,16 @@ def _first_process() -> bool:
     return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse an output_dir that cannot be created or written, by trying (permission bits lie to root)."""
+def _check_writable(out: Path, key: str = "output_dir") -> None:
+    """Refuse a directory (`key`'s value) that cannot be created or written, by trying (permission bits lie to
+    root)."""
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"output_dir={out}: {probe} is not a directory; expected a directory path")
+        raise ConfigError(f"{key}={out}: {probe} is not a directory; expected a directory path")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as err:
-        raise ConfigError(f"output_dir={out} is not writable ({err.strerror} in {probe}); expected a directory "
-                          f"this user can write, e.g. output_dir=/tmp/run") from None
+        raise ConfigError(f"{key}={out} is not writable ({err.strerror} in {probe}); expected a directory "
+                          f"this user can write, e.g. {key}=/tmp/run") from None

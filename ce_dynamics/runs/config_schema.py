@@ -55,15 +55,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _bounds(low: float | None, high: float | None, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+def _bounds(low: float | None, high: float | None, low_open: bool = False,
+            high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
     words = []
     if low is not None:
         words.append(f"{'>' if low_open else '>='} {low}")
     if high is not None:
-        words.append(f"<= {high}")
+        words.append(f"{'<' if high_open else '<='} {high}")
 
     def inside(v: Any) -> bool:
-        return (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+        return ((low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
 
     return inside, (" " + " and ".join(words)) if words else ""
 
@@ -73,8 +75,9 @@ def integer(low: int | None = None, high: int | None = None) -> Rule:
     return Rule(lambda v: _is_int(v) and inside(v), f"an integer{words}")
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Rule:
-    inside, words = _bounds(low, high, low_open)
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Rule:
+    inside, words = _bounds(low, high, low_open, high_open)
     return Rule(lambda v: _is_number(v) and inside(v), f"a number{words}")
 
 
@@ -97,6 +100,32 @@ ANY = Rule(lambda v: True, "anything")
 POSITIVE = integer(1)
 TIME = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None,
             "a duration 'DD:HH:MM:SS'")
+
+# Names Lightning's Trainer takes for `accelerator=` / `strategy=` without its registries (checked against them
+# in the tests); any other name is looked up in the registry itself, which imports lightning (a few seconds).
+_LIGHTNING_COMMON = {
+    "accelerators": ("auto", "cpu", "cuda", "gpu", "mps", "tpu"),
+    "strategies": ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device"),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def lightning_registry(kind: str) -> frozenset[str]:
+    """Every name `lightning.Trainer` takes for `accelerator=` (kind "accelerators") or `strategy=`
+    ("strategies"): the registry Lightning looks names up in, plus the connector's own aliases."""
+    if kind == "accelerators":
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        return frozenset([*AcceleratorRegistry.available_accelerators(), *_LIGHTNING_COMMON[kind]])
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return frozenset([*StrategyRegistry.available_strategies(), "auto"])
+
+
+def lightning_accepts(kind: str, value: Any) -> bool:
+    """Whether `value` is a name Lightning's Trainer takes for `kind` (see :func:`lightning_registry`)."""
+    return isinstance(value, str) and (value in _LIGHTNING_COMMON[kind] or value in lightning_registry(kind))
+
 
 # One rule per key of configs/default.yaml (data.eval.<name>.* is checked by `CATALOG_FIELDS`).
 RULES: dict[str, Rule] = {
@@ -131,18 +160,27 @@ RULES: dict[str, Rule] = {
     "data.cache_dir": STR,
     "data.tokenizer_train_chars": POSITIVE,
     "data.train.source": one_of(*SOURCES),
+    "data.train.path": STR | NULL,
+    "data.train.name": STR | NULL,
+    "data.train.split": STR | NULL,
+    "data.train.field": STR | NULL,
     "data.train.max_chars": POSITIVE | NULL,
     "data.eval_sets": list_of(STR),
     "optim.lr": number(0, low_open=True),
     "optim.min_lr_ratio": number(0, 1),
     "optim.warmup_steps": integer(0),
     "optim.weight_decay": number(0),
-    "optim.betas": list_of(number(0, 1), length=2),
+    "optim.betas": list_of(number(0, 1, high_open=True), length=2),  # torch.optim.AdamW: 0 <= beta < 1
     "optim.eps": number(0, low_open=True),
-    "trainer.accelerator": STR,
-    "trainer.devices": POSITIVE | one_of(-1) | STR | list_of(integer(0)),
+    "trainer.accelerator": Rule(lambda v: lightning_accepts("accelerators", v),
+                                "one of Lightning's accelerators (auto, cpu, cuda, gpu, mps, tpu, ...)"),
+    # Lightning's device parser: an int, -1 (all), a list of indices, or the same as a string ('1', '0,1', 'auto')
+    "trainer.devices": POSITIVE | one_of(-1) | list_of(integer(0)) | Rule(
+        lambda v: isinstance(v, str) and re.fullmatch(r"\s*(auto|-1|\d+|\d+(\s*,\s*\d+)*\s*,?)\s*", v) is not None,
+        "a string of the same ('auto', '2', '0,1')"),
     "trainer.num_nodes": POSITIVE,
-    "trainer.strategy": STR,
+    "trainer.strategy": Rule(lambda v: lightning_accepts("strategies", v),
+                             "one of Lightning's registered strategies (auto, ddp, ddp_spawn, fsdp, deepspeed, ...)"),
     "trainer.max_steps": Rule(integer(-1).ok, "an integer >= -1 (-1: no limit)"),
     "trainer.max_epochs": integer(-1) | NULL,
     "trainer.val_check_interval": POSITIVE | number(0, 1, low_open=True) | TIME | NULL,
@@ -297,12 +335,16 @@ def _refuse(key: str, value: Any, expected: str) -> None:
 def check_types(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
     """Raise ConfigError on the first key whose value breaks its rule, naming key, value and what is expected.
 
-    `defaults` maps dotted keys to default.yaml's values (for keys without a rule).
+    `defaults` maps dotted keys to default.yaml's values (for keys without a rule). A section of default.yaml
+    (`model`, `trainer`, ...) stays a section, and a plain value (`seed`, `checkpoint.keep`) takes no sub-keys.
     """
+    _check_sections(cfg, defaults)
     for key, value in flat_items(cfg):
         if key.startswith("trainer."):
             name = key.removeprefix("trainer.")
             allowed = trainer_arguments()
+            if "." in name and name.split(".")[0] in allowed:
+                _refuse_sub_key(key, f"trainer.{name.split('.')[0]}")
             if name in TRAINER_SET_BY_TRAIN_PY:
                 raise ConfigError(f"{key} cannot be set: {TRAINER_SET_BY_TRAIN_PY[name]}")
             if name not in allowed:
@@ -313,10 +355,39 @@ def check_types(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
         elif key == "data.eval":
             _check_catalog(value)
             continue
+        elif key not in defaults:
+            parts = key.split(".")
+            parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                           if ".".join(parts[:i]) in defaults), None)
+            if parent is not None:
+                _refuse_sub_key(key, parent)
+            raise ConfigError(f"unknown key '{key}'")
         else:
             rule = RULES.get(key) or _default_rule(defaults.get(key))
         if not rule.ok(value):
             _refuse(key, value, rule.expected)
+
+
+def _refuse_sub_key(key: str, parent: str) -> None:
+    rule = RULES.get(parent) or (trainer_arguments().get(parent.removeprefix("trainer.")) if
+                                 parent.startswith("trainer.") else None)
+    what = f" ({rule.expected})" if rule is not None and rule is not ANY else ""
+    raise ConfigError(f"{key}: {parent} is a plain value{what} and has no sub-keys; expected {parent}=<value>")
+
+
+def _check_sections(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
+    """Refuse a section of default.yaml replaced by a plain value (`trainer=null`, `model=5`)."""
+    sections = sorted({".".join(key.split(".")[:i]) for key in defaults for i in range(1, key.count(".") + 1)},
+                      key=lambda name: (name.count("."), name))
+    for section in sections:
+        try:
+            value = OmegaConf.select(cfg, section, throw_on_missing=False)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{section}: cannot resolve its value ({str(err).splitlines()[0]})") from None
+        if not isinstance(value, DictConfig):
+            keys = [k for k in defaults if k.startswith(f"{section}.")]
+            raise ConfigError(f"{section}={_shown(_plain(value))}: {section} is a section; expected its keys, e.g. "
+                              f"{keys[0]}=<value> (keys: {', '.join(k.removeprefix(section + '.') for k in keys)})")
 
 
 def _check_catalog(catalog: Any) -> None:

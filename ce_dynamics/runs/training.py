@@ -54,24 +54,28 @@ def build_tokenizer(cfg: DictConfig, hub_id: str | None = None, revision: str | 
     if hub_id or cfg.model.hub_id:
         return AutoTokenizer.from_pretrained(hub_id or cfg.model.hub_id,
                                              revision=revision if hub_id else cfg.model.revision)
-    spec = _plain(cfg.data.train)
+    spec = train_spec(cfg)
     chars = cfg.data.tokenizer_train_chars
-    key = f"{corpus_id({k: v for k, v in spec.items() if k != 'max_chars'}, 'train')}|chars={chars}"
+    key = f"{corpus_id(spec, 'train')}|chars={chars}"
     return train_bpe_tokenizer(take_chars(documents(spec, "train"), chars), cfg.model.vocab_size,
                                cfg.data.cache_dir, key)
 
 
+def train_spec(cfg: DictConfig) -> dict[str, Any]:
+    """`data.train` as a source spec for `ce_dynamics.runs.data.documents`: its set fields, `max_chars` aside."""
+    return {k: v for k, v in _plain(cfg.data.train).items() if k != "max_chars" and v is not None}
+
+
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
     """The datamodule: `data.eval_sets` (looked up in the `data.eval` catalog) as validation dataloaders."""
-    train = _plain(cfg.data.train)
     return CEDataModule(
         tokenizer,
         eval_specs={name: _plain(cfg.data.eval[name]) for name in cfg.data.eval_sets},
         seq_len=cfg.data.seq_len,
         eval_sequences=cfg.data.eval_sequences,
         batch_size=cfg.data.batch_size,
-        train_spec={k: v for k, v in train.items() if k != "max_chars"},
-        train_max_chars=train.get("max_chars"),
+        train_spec=train_spec(cfg),
+        train_max_chars=cfg.data.train.max_chars,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         cache_dir=cfg.data.cache_dir,
