@@ -60,6 +60,22 @@ class Checkpoint:
     step: int | None
     path: Path | None = None
 
+    @property
+    def named(self) -> bool:
+        """A revision that is not a `stepN` branch (`main`): recorded apart from the model's training steps."""
+        return self.step is None
+
+    @property
+    def folder(self) -> str:
+        """The folder of output_dir holding this checkpoint's W&B run, CSV log and arrays: the model's, or for a
+        named revision its own, `<model slug>@<revision>`."""
+        return model_slug(self.model) + (f"@{re.sub(r'[^A-Za-z0-9._-]+', '-', self.revision)}" if self.named else "")
+
+    @property
+    def run_name(self) -> str:
+        """The W&B run name of :attr:`folder`."""
+        return f"replay {self.model}" + (f"@{self.revision}" if self.named else "")
+
 
 def _hub_revisions(revisions: Iterable[Any]) -> list[tuple[str, int]]:
     out = []
@@ -195,17 +211,17 @@ class Failure:
 class _ModelWalk:
     """The loggers, callback and eval data shared by the revisions of one model (one W&B run)."""
 
-    def __init__(self, cfg: DictConfig, model: str) -> None:
+    def __init__(self, cfg: DictConfig, ckpt: Checkpoint) -> None:
         from ce_dynamics.runs.training import build_loggers
 
         self.cfg = copy.deepcopy(cfg)
-        self.cfg.output_dir = str(Path(cfg.output_dir) / model_slug(model))
+        self.cfg.output_dir = str(Path(cfg.output_dir) / ckpt.folder)
         precision = _PRECISION[cfg.replay.dtype]
         if str(self.cfg.trainer.precision) != precision:
             log.info("replay: trainer.precision %s -> %s (replay.dtype=%s)", self.cfg.trainer.precision, precision,
                      cfg.replay.dtype)
             self.cfg.trainer.precision = precision
-        self.loggers = build_loggers(self.cfg, run_name=f"replay {model}")
+        self.loggers = build_loggers(self.cfg, run_name=ckpt.run_name)
         self._datamodule: tuple[str, Any] | None = None
 
     def datamodule(self, tokenizer: Any, names: list[str]) -> Any:
@@ -221,17 +237,25 @@ class _ModelWalk:
 
     def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str],
                  commit: str | None = None) -> list[dict[str, Any]]:
-        """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
+        """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere).
+
+        A named revision (`main`) is logged at the step of the `stepN` branch with the same commit, else at 0,
+        in its own folder (:attr:`Checkpoint.folder`); its rows carry that step, or None when there is none."""
         from ce_dynamics.lightning.callback import CEDecompositionCallback
         from ce_dynamics.bpb import BPB_KEYS
         from ce_dynamics.analysis.scaling import family_of, non_embedding_params
         from ce_dynamics.runs.training import build_trainer
 
+        step = ckpt.step
+        if ckpt.named and ckpt.path is None:
+            from ce_dynamics.runs.revisions import resolved_commit, step_of_commit
+
+            step = step_of_commit(ckpt.model, commit or resolved_commit(ckpt.model, ckpt.revision))
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error")
-        callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
+        callback.step = step or 0
         trainer = build_trainer(self.cfg, [callback], self.loggers)
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
-        trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step or 0
+        trainer.fit_loop.epoch_loop._batches_that_stepped = step or 0
         trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
         if not trainer.is_global_zero:
             return []
@@ -239,7 +263,7 @@ class _ModelWalk:
         data = self.datamodule(tokenizer, names)
         return [
             {"model": ckpt.model, "family": family_of(ckpt.model), "revision": ckpt.revision, "commit": commit,
-             "step": ckpt.step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
+             "step": step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
              "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
              **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
              "num_bytes": data.eval_bytes.get(name), "eval_hash": data.eval_hashes.get(name)}
@@ -341,7 +365,7 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             if not names:
                 skipped += 1
                 continue
-            for other in [m for m in walks if m != ckpt.model]:  # one model's W&B run at a time
+            for other in [f for f in walks if f != ckpt.folder]:  # one W&B run at a time
                 walks.pop(other).close()
             try:
                 tokenizer, module = _load(cfg, ckpt)
@@ -351,7 +375,7 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             commit = None
             try:
                 commit = _check_integrity(ckpt, module, digests) if zero else None
-                walk = walks.get(ckpt.model) or walks.setdefault(ckpt.model, _ModelWalk(cfg, ckpt.model))
+                walk = walks.get(ckpt.folder) or walks.setdefault(ckpt.folder, _ModelWalk(cfg, ckpt))
                 rows = walk.evaluate(ckpt, module, tokenizer, names, commit=commit)
                 if rows:
                     append_result_rows(results_path, rows)
@@ -368,9 +392,9 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
         for walk in walks.values():
             walk.close()
     if zero:  # a model whose every revision was already done may still lack rows in W&B or the CSV
-        for model in dict.fromkeys(c.model for c in checkpoints):
-            if model not in walks and _sinks_lacking(cfg, model, eval_sets):
-                walk = _ModelWalk(cfg, model)
+        for ckpt in {c.folder: c for c in checkpoints}.values():
+            if ckpt.folder not in walks and _sinks_lacking(cfg, ckpt, eval_sets):
+                walk = _ModelWalk(cfg, ckpt)
                 try:
                     walk.backfill(eval_sets)
                 finally:
@@ -386,14 +410,15 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     return 0
 
 
-def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
-    """Whether a saved step of `model` is missing from its CSV log or W&B run (read from disk, no W&B start)."""
+def _sinks_lacking(cfg: DictConfig, ckpt: Checkpoint, names: list[str]) -> bool:
+    """Whether a saved step in `ckpt`'s folder is missing from its CSV log or W&B run (read from disk, no W&B
+    start)."""
     from ce_dynamics.lightning import sinks
     from ce_dynamics.lightning.csv_logger import DurableCSVLogger
     from ce_dynamics.runs.training import _wandb_run_id
     from ce_dynamics.lightning.wandb_history import logged_steps, run_files
 
-    root = Path(cfg.output_dir) / model_slug(model)
+    root = Path(cfg.output_dir) / ckpt.folder
     saved = set(sinks.saved_steps(root, names))
     if not saved:
         return False
@@ -401,7 +426,7 @@ def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
         return True
     if cfg.logger.wandb.mode == "disabled":
         return False
-    run_id = _wandb_run_id(root, f"replay {model}")
+    run_id = _wandb_run_id(root, ckpt.run_name)
     return not saved <= logged_steps(run_files(root / "wandb", run_id), sinks.ROW_PREFIX)
 
 

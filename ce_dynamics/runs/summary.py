@@ -36,15 +36,17 @@ def last_arrays(arrays_dir: Path) -> dict[str, tuple[int, Path]]:
 
 def decomposition_rows(output_dir: Path) -> list[dict[str, Any]]:
     """The last decomposition per eval set: from `results.jsonl` (replay, sweep: the highest step per model
-    and dataset) if there is one, else from the last npz arrays of a training run."""
+    and dataset, and each named revision such as `main` on its own) if there is one, else from the last npz
+    arrays of a training run."""
     from ce_dynamics.files import read_results
 
     results = output_dir / "results.jsonl"
     if results.is_file():
-        last: dict[tuple[str, str], dict[str, Any]] = {}
+        last: dict[tuple[str, str, str], dict[str, Any]] = {}
         for row in read_results(results):
-            key = (str(row["model"]), str(row["dataset"]))
-            if key not in last or int(row["step"]) >= int(last[key]["step"]):
+            named = not str(row["revision"]).startswith("step")  # `main`: a point of its own, step known or not
+            key = (str(row["model"]), str(row["dataset"]), str(row["revision"]) if named else "")
+            if key not in last or named or int(row["step"]) >= int(last[key]["step"]):
                 last[key] = row
         return [{**row, "name": f"{row['model']} {row['revision']} {row['dataset']}"} for row in last.values()]
     rows = []
