@@ -50,6 +50,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     from ce_dynamics._extras import require
 
     require("omegaconf")
+    from ce_dynamics.files import DamagedFileError
     from ce_dynamics.runs.config import ConfigError, load_config, preflight
 
     argv = list(argv)
@@ -60,6 +61,9 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
         code = _dispatch(cfg, argv)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    except DamagedFileError as err:  # a file of the run it cannot read: which one, and what to do
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     from ce_dynamics.runs.summary import print_summary
 

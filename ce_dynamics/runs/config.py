@@ -152,6 +152,8 @@ def preflight(cfg: DictConfig) -> None:
     for key, path in files.items():
         if not Path(path).expanduser().is_file():
             raise ConfigError(f"{key}={path}: no such file; expected a text file or a .jsonl (a document per line)")
+    if cfg.mode == "train" and cfg.ckpt_path is not None:
+        _check_resumable(cfg, out)
     if cfg.mode != "train" or cfg.ckpt_path is not None or not _first_process():
         return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
@@ -168,6 +170,28 @@ def preflight(cfg: DictConfig) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _check_resumable(cfg: DictConfig, out: Path) -> None:
+    """A resume refuses a checkpoint or CSV log it cannot read (DamagedFileError naming the file and what to do),
+    instead of failing seconds later with a bare EOFError or UnicodeDecodeError."""
+    import zipfile
+
+    from ce_dynamics.files import DamagedFileError, read_text
+
+    ckpt = out / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if ckpt.is_file():
+        try:  # torch.save writes a zip archive whose directory comes last: a cut or emptied file has none
+            zipfile.ZipFile(ckpt).close()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise DamagedFileError(ckpt, f"not a readable checkpoint: {type(err).__name__}: {err}",
+                                   "resume from another checkpoint (ckpt_path=<file>; checkpoint.keep=all keeps one "
+                                   "per validation), or move it aside and start afresh with overwrite=true") from None
+    from ce_dynamics.lightning.csv_logger import CSV_REMEDY
+
+    csv_log = out / "csv" / "version_0" / "metrics.csv"
+    if csv_log.is_file():
+        read_text(csv_log, CSV_REMEDY)
 
 
 def _first_process() -> bool:

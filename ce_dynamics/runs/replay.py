@@ -38,7 +38,8 @@ require("omegaconf", "transformers", "lightning")
 
 from omegaconf import DictConfig
 
-from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results
+from ce_dynamics.files import (RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results,
+                               remove_stale_temporaries)
 from ce_dynamics.functional import KEYS
 
 __all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
@@ -349,6 +350,9 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
         print(f"replay: {err}", file=sys.stderr)
         return 2
     out = Path(cfg.output_dir)
+    if rank_zero_only.rank == 0:
+        for path in remove_stale_temporaries(out):  # an atomic write a kill interrupted
+            log.warning("removed %s, the temporary file of an interrupted write", path)
     results_path = out / "results.jsonl"
     done = done_keys(results_path)
     eval_sets = list(cfg.data.eval_sets)

@@ -12,9 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
-from ce_dynamics.files import state_files
+from ce_dynamics.files import ResultsError, load_state, state_files
 from ce_dynamics.functional import decomposition_from_state
 
 _COLUMNS = (("cross_entropy", "CE"), ("error_entropy", "EE"), ("self_alignment", "SA"), ("confidence", "Conf"),
@@ -51,8 +49,8 @@ def decomposition_rows(output_dir: Path) -> list[dict[str, Any]]:
         return [{**row, "name": f"{row['model']} {row['revision']} {row['dataset']}"} for row in last.values()]
     rows = []
     for name, (step, path) in last_arrays(output_dir / "arrays").items():
-        with np.load(path) as data:
-            out = decomposition_from_state(data["rank_counts"], data["rank_log_score_sum"])
+        data = load_state(path)  # DamagedFileError names a file that cannot be read
+        out = decomposition_from_state(data["rank_counts"], data["rank_log_score_sum"])
         rows.append({"name": f"{name} step {step}", **{k: float(out[k]) for k, _ in _COLUMNS[:-1]},
                      "num_tokens": int(out["num_tokens"])})
     return rows
@@ -120,10 +118,14 @@ def summary_text(mode: str, output_dir: str | Path, argv: Sequence[str] = (), ex
     out = Path(output_dir)
     status = "finished" if exit_code == 0 else f"ended with exit code {exit_code}"
     lines = [f"== ce-dynamics {mode} {status}: {out}"]
-    rows = decomposition_rows(out) if out.is_dir() else []
+    try:
+        rows = decomposition_rows(out) if out.is_dir() else []
+    except ResultsError as err:  # a damaged results or state file: say which, and go on with the rest
+        rows = []
+        lines += ["", f"cannot show the last decomposition: {err}"]
     if rows:
         lines += ["", "last decomposition (nats/token; CE = EE + SA - Conf):", format_table(rows)]
-    else:
+    elif not lines[-1].startswith("cannot show"):
         lines += ["", "no decomposition was written (no arrays, no results.jsonl)"]
     where = locations(out) if out.is_dir() else {}
     if where:

@@ -18,13 +18,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ce_dynamics.lightning import sinks
 from ce_dynamics.lightning.callback import CEDecompositionCallback
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.runs.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
-from ce_dynamics.files import atomic_open
+from ce_dynamics.files import atomic_open, remove_stale_temporaries
 from ce_dynamics.runs.module import CausalLMModule
 from ce_dynamics.lightning.progress import console_callbacks
 
@@ -168,6 +169,9 @@ def run_training(cfg: DictConfig) -> int:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
+    if rank_zero_only.rank == 0:  # (DDP children start while rank zero writes)
+        for path in remove_stale_temporaries(out):  # an atomic write a kill interrupted (e.g. .last.ckpt.*.tmp)
+            log.warning("removed %s, the temporary file of an interrupted write", path)
     tokenizer = build_tokenizer(cfg)
     datamodule = build_datamodule(cfg, tokenizer)
     module = build_module(cfg)
