@@ -29,7 +29,7 @@ from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.files import DamagedFileError, load_state, saved_steps, set_aside, set_aside_damaged_states, state_path
 from ce_dynamics.functional import KEYS, decomposition_from_state
-from ce_dynamics.lightning.wandb_history import logged_steps, run_files
+from ce_dynamics.wandb_history import logged_steps, run_files
 
 ROW_PREFIX = "decomp/"
 _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionary()

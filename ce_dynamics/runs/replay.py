@@ -420,7 +420,7 @@ def _sinks_lacking(cfg: DictConfig, ckpt: Checkpoint, names: list[str]) -> bool:
     from ce_dynamics.lightning import sinks
     from ce_dynamics.lightning.csv_logger import DurableCSVLogger
     from ce_dynamics.runs.training import _wandb_run_id
-    from ce_dynamics.lightning.wandb_history import logged_steps, run_files
+    from ce_dynamics.wandb_history import logged_steps, run_files
 
     root = Path(cfg.output_dir) / ckpt.folder
     saved = set(sinks.saved_steps(root, names))
