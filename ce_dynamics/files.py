@@ -30,10 +30,11 @@ class ResultsError(ValueError):
 class DamagedFileError(ResultsError):
     """A file this package wrote that cannot be read back (emptied, truncated, overwritten with other bytes).
 
-    The message names the file, what is wrong with it and what to do; ``path`` is the file."""
+    The message names the file, what is wrong with it and what to do; ``path`` is the file, ``reason`` what is
+    wrong with it."""
 
     def __init__(self, path: str | os.PathLike, reason: str, remedy: str) -> None:
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
         super().__init__(f"{self.path} is damaged ({reason}); {remedy}")
 
 
@@ -227,7 +228,7 @@ def set_aside_damaged_states(root: str | os.PathLike, names: Iterable[str]) -> l
             try:
                 check_state_file(path)
             except DamagedFileError as err:
-                moved.append((set_aside(path), str(err).split(" is damaged ", 1)[1].split(";")[0]))
+                moved.append((set_aside(path), err.reason))
     return moved
 
 

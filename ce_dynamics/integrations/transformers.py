@@ -266,19 +266,12 @@ class CEDecompositionTrainerCallback(TrainerCallback):
     def _record(self, args: Any, state: Any, name: str, logs: Mapping[str, Any]) -> None:
         """Save this evaluation's state (unless the step is saved already: then the saved one stands), then log
         the row of whatever is saved to W&B, if W&B lacks it."""
-        from ce_dynamics.files import DamagedFileError, load_state, save_state, set_aside, state_path
+        from ce_dynamics.files import save_state, state_path
 
         counts, sums = self.evaluator.last_state
         step = int(state.global_step)
         path = state_path(self._root(args), name, step)
-        saved = None
-        if self.save_arrays and path.exists():
-            try:
-                saved = load_state(path)
-            except DamagedFileError as err:
-                moved = set_aside(path)
-                warnings.warn(f"CEDecompositionTrainerCallback: {err}; moved aside to {moved} and recorded anew",
-                              RuntimeWarning, stacklevel=2)
+        saved = _readable_state(path) if self.save_arrays and path.exists() else None
         if saved is not None:
             self._refuse_reevaluation(path, name, step, saved, counts, sums)
             counts, sums, logs = saved["rank_counts"], saved["rank_log_score_sum"], {}
@@ -333,19 +326,26 @@ class CEDecompositionTrainerCallback(TrainerCallback):
         arrays = self._root(args) / "arrays"
         if run is None or not self.log_histograms or not arrays.is_dir():
             return
-        from ce_dynamics.files import DamagedFileError, load_state, set_aside, state_files
+        from ce_dynamics.files import state_files
 
         for folder in sorted(p for p in arrays.iterdir() if p.is_dir()):
             for step, path in sorted(state_files(folder).items()):
-                if step in self._ledger(run, folder.name):
-                    continue
-                try:
-                    saved = load_state(path)
-                except DamagedFileError as err:
-                    moved = set_aside(path)
-                    warnings.warn(f"CEDecompositionTrainerCallback: {err}; moved aside to {moved}, step {step} of "
-                                  f"{folder.name} is logged nowhere", RuntimeWarning, stacklevel=2)
+                if step in self._ledger(run, folder.name) or (saved := _readable_state(path)) is None:
                     continue
                 run.log({**self._row(folder.name, saved["rank_counts"], saved["rank_log_score_sum"], step),
                          "train/global_step": step})
                 self._ledger(run, folder.name).add(step)
+
+
+def _readable_state(path: Path) -> dict[str, np.ndarray] | None:
+    """A saved state, or None when it cannot be read: then it is moved aside to ``*.damaged``, with a warning
+    naming it, and what it held is logged nowhere."""
+    from ce_dynamics.files import DamagedFileError, load_state, set_aside
+
+    try:
+        return load_state(path)
+    except DamagedFileError as err:
+        moved = set_aside(path)
+        warnings.warn(f"CEDecompositionTrainerCallback: {err}; moved aside to {moved}: that evaluation is logged "
+                      "nowhere (a new evaluation at that step is recorded anew)", RuntimeWarning, stacklevel=3)
+        return None

@@ -159,7 +159,7 @@ def backfill(loggers: Iterable[Logger], root: Path, names: Iterable[str],
         try:
             results = {name: results_of(load_state(state_path(root, name, step))) for name in names}
         except DamagedFileError as err:  # the zip directory was whole but an array is not
-            report_damaged(set_aside(err.path), str(err).split(" is damaged ", 1)[1].split(";")[0], loggers)
+            report_damaged(set_aside(err.path), err.reason, loggers)
             continue
         scalars = scalars_of(results)
         for logger in lacking:
