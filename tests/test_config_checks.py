@@ -144,3 +144,35 @@ def test_train_source_file_trains_on_a_users_text_file(tmp_path):
     (tokenizer,) = (cache / "tokenizers").glob("bpe-384-*.json")
     vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
     assert all(any(w in token for token in vocab) for w in ("alpha", "epsilon", "theta")), "BPE not from the file"
+
+
+@pytest.mark.slow
+def test_train_source_hf_reads_a_dataset_with_its_documented_keys(tmp_path, monkeypatch):
+    """data.train.source=hf with path/split/field (a local JSON-lines dataset folder, offline): the tokenizer and
+    the training windows come from it (it used to end in KeyError: 'path')."""
+    import json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    from ce_dynamics.runs.training import build_datamodule, build_tokenizer
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    words = ["quokka", "axolotl", "pangolin", "narwhal"]
+    rng = np.random.default_rng(1)
+    with (folder / "train.jsonl").open("w") as fh:
+        for _ in range(400):
+            fh.write(json.dumps({"body": " ".join(rng.choice(words, 20)), "text": "unused"}) + "\n")
+    cfg = load_config([f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=300",
+                       "data.train.source=hf", f"data.train.path={folder}", "data.train.split=train",
+                       "data.train.field=body", "data.tokenizer_train_chars=20000", "data.train.max_chars=20000",
+                       "data.seq_len=16", "data.eval_sequences=2", "data.eval_sets=[prose]"])
+    tokenizer = build_tokenizer(cfg)
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) <= 2 for w in words)  # learnt from body
+    datamodule = build_datamodule(cfg, tokenizer)
+    datamodule.setup("fit")
+    text = tokenizer.decode(datamodule.train_set.windows[0])
+    assert any(w in text for w in words) and "unused" not in text
