@@ -76,6 +76,7 @@ def _refused(argv: list[str], tmp_path: Path) -> str:
     (["trainer=null"], "trainer=null: trainer is a section; expected its keys, e.g. trainer."),
     (["model=5"], "model=5: model is a section; expected its keys, e.g. model.hub_id=<value>"),
     (["data.train=3"], "data.train=3: data.train is a section"),
+    (["data.eval=5"], "data.eval=5: expected the catalog of eval sets"),
     (["logger.wandb=offline"], "logger.wandb='offline': logger.wandb is a section"),
     (["data.eval_sets=[code,code]"], "data.eval_sets=['code', 'code']: code named twice"),
     (["data.eval_sets=[code,prose,prose]"], "prose named twice"),

@@ -50,7 +50,6 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     from ce_dynamics._extras import require
 
     require("omegaconf")
-    from ce_dynamics.files import DamagedFileError
     from ce_dynamics.runs.config import ConfigError, load_config, preflight
 
     argv = list(argv)
@@ -62,7 +61,10 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
-    except DamagedFileError as err:  # a file of the run it cannot read: which one, and what to do
+    except ValueError as err:  # a file of the run it cannot read (DamagedFileError): which one, and what to do
+        files = sys.modules.get("ce_dynamics.files")  # not imported yet: no DamagedFileError (and no torch)
+        if files is None or not isinstance(err, files.DamagedFileError):
+            raise
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     from ce_dynamics.runs.summary import print_summary

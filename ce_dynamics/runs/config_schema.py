@@ -391,6 +391,8 @@ def _check_sections(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
 
 
 def _check_catalog(catalog: Any) -> None:
+    if not isinstance(catalog, dict):
+        _refuse("data.eval", catalog, "the catalog of eval sets, e.g. data.eval.mine.source=file")
     for name, entry in catalog.items():
         if not isinstance(entry, dict):
             _refuse(f"data.eval.{name}", entry, f"a mapping with source ({', '.join(SOURCES)}) and its fields")
