@@ -258,6 +258,7 @@ def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one
     resumed = train(-1, True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step6.read_bytes() == first_record  # the first evaluation stays the record
+    print("step 6 re-evaluated with other numbers:", "code at step 6 was evaluated again" in resumed.stderr)
 
     run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1  # one run, resumed
