@@ -190,7 +190,7 @@ def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise DamagedFileError(path, f"not a readable .npz: {_reason(err)}", STATE_REMEDY) from None
     missing = [key for key in STATE_ARRAYS if key not in state]
     if missing:
-        raise DamagedFileError(path, f"no array(s) {missing}", STATE_REMEDY)
+        raise DamagedFileError(path, f"missing array(s) {missing}", STATE_REMEDY)
     return state
 
 
@@ -208,7 +208,7 @@ def check_state_file(path: str | os.PathLike) -> None:
         raise DamagedFileError(path, f"not a readable .npz: {_reason(err)}", STATE_REMEDY) from None
     missing = [key for key in STATE_ARRAYS if f"{key}.npy" not in names]
     if missing:
-        raise DamagedFileError(path, f"no array(s) {missing}", STATE_REMEDY)
+        raise DamagedFileError(path, f"missing array(s) {missing}", STATE_REMEDY)
 
 
 def state_files(folder: str | os.PathLike) -> dict[int, Path]:

@@ -55,7 +55,7 @@ def test_a_state_file_without_the_arrays_is_damaged(tmp_path: Path):
     path = state_path(tmp_path, "code", 0)
     path.parent.mkdir(parents=True)
     np.savez(path, other=np.zeros(3))
-    with pytest.raises(DamagedFileError, match=r"no array\(s\) \['rank_counts', 'rank_log_score_sum'\]"):
+    with pytest.raises(DamagedFileError, match=r"missing array\(s\) \['rank_counts', 'rank_log_score_sum'\]"):
         load_state(path)
     assert [p.name for p, _ in set_aside_damaged_states(tmp_path, ["code"])] == ["step_0.npz.damaged"]
 
