@@ -243,7 +243,9 @@ def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one
     from pathlib import Path
 
     out = tmp_path / "out"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "ce-dynamics-test",
+    # Without WANDB_SERVICE: a W&B service this test process started would outlive the killed child and keep its
+    # run "in use" (a user's killed process takes its own service with it).
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "ce-dynamics-test",
            "WANDB_SILENT": "true", "PYTHONWARNINGS": "default"}
 
     def train(kill_step: int, resume: bool) -> subprocess.CompletedProcess:
@@ -251,7 +253,7 @@ def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one
                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
     killed = train(6, False)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert killed.returncode == -9, killed.stderr[-3000:]  # (each step once, below)
     step6 = out / "arrays" / "code" / "step_6.npz"
     first_record = step6.read_bytes()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
@@ -261,7 +263,7 @@ def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one
     print("step 6 re-evaluated with other numbers:", "code at step 6 was evaluated again" in resumed.stderr)
 
     run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1  # one run, resumed
+    assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1, run_dirs  # one run
     wandb_cli = Path(sys.executable).with_name("wandb")
     rows = []
     for run_dir in run_dirs:
@@ -270,7 +272,7 @@ def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one
         rows += [json.loads(line)["history"]["item"] for line in proc.stdout.splitlines()
                  if line.strip() and json.loads(line).get("type") == "history"]
     decomp = [r for r in rows if "decomp/code/cross_entropy" in r]
-    assert sorted(r["train/global_step"] for r in decomp) == [2, 4, 6, 8]  # each once
+    assert sorted(r["train/global_step"] for r in decomp) == [2, 4, 6, 8], (run_dirs, resumed.stderr[-3000:])
     evals = [r["train/global_step"] for r in rows if "eval/code_cross_entropy" in r]
     assert len(evals) == len(set(evals))  # never two values of the Trainer's own eval numbers for one step
     for row in decomp:

@@ -101,30 +101,62 @@ POSITIVE = integer(1)
 TIME = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None,
             "a duration 'DD:HH:MM:SS'")
 
-# Names Lightning's Trainer takes for `accelerator=` / `strategy=` without its registries (checked against them
-# in the tests); any other name is looked up in the registry itself, which imports lightning (a few seconds).
-_LIGHTNING_COMMON = {
-    "accelerators": ("auto", "cpu", "cuda", "gpu", "mps", "tpu"),
-    "strategies": ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device"),
-}
+# Names Lightning's Trainer takes for `accelerator=` / `strategy=` besides those in its registries.
+_LIGHTNING_ALIASES = {"accelerators": ("auto", "gpu"), "strategies": ("auto",)}
+_SINGULAR = {"accelerators": "accelerator", "strategies": "strategy"}
 
 
 @functools.lru_cache(maxsize=2)
 def lightning_registry(kind: str) -> frozenset[str]:
     """Every name `lightning.Trainer` takes for `accelerator=` (kind "accelerators") or `strategy=`
-    ("strategies"): the registry Lightning looks names up in, plus the connector's own aliases."""
-    if kind == "accelerators":
-        from lightning.pytorch.accelerators import AcceleratorRegistry
+    ("strategies"): the names Lightning's `register_<kind>` class methods put in its registry, read from its
+    source with `ast` (importing lightning costs seconds), plus the connector's own aliases."""
+    root = _lightning_dir()
+    folder = root / "pytorch" / kind if root else None
+    if folder is None or not folder.is_dir():
+        raise ConfigError(f"cannot find lightning's {kind} (pip install lightning) to check trainer.* keys")
+    names = set(_LIGHTNING_ALIASES[kind])
+    for path in [*folder.glob("*.py"), *(root / "pytorch" / "_graveyard").glob("*.py")]:  # deprecated aliases too
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                constants = {t.id: a.value.value for a in node.body if isinstance(a, ast.Assign)
+                             for t in a.targets if isinstance(t, ast.Name) and isinstance(a.value, ast.Constant)}
+                constants.update({f.name: f.body[-1].value.value for f in node.body  # def name(cls): return "cpu"
+                                  if isinstance(f, ast.FunctionDef) and isinstance(f.body[-1], ast.Return)
+                                  and isinstance(f.body[-1].value, ast.Constant)})
+                for function in node.body:
+                    if isinstance(function, ast.FunctionDef) and function.name == f"register_{kind}":
+                        names.update(_registered_names(function, constants))
+            elif isinstance(node, ast.FunctionDef) and path.parent.name == "_graveyard":
+                names.update(_registered_names(node, {}, receiver=_SINGULAR[kind]))
+    return frozenset(names)
 
-        return frozenset([*AcceleratorRegistry.available_accelerators(), *_LIGHTNING_COMMON[kind]])
-    from lightning.pytorch.strategies import StrategyRegistry
 
-    return frozenset([*StrategyRegistry.available_strategies(), "auto"])
+def _registered_names(function: ast.FunctionDef, constants: Mapping[str, Any], receiver: str = "") -> set[str]:
+    """The string names a `register_<kind>` method registers: `registry.register("name", ...)` or
+    `registry.register(cls.<constant of the class or method returning one>, ...)`, or the first field of each entry of a tuple of tuples
+    looped over (`for name, ... in entries: registry.register(name, ...)`). With `receiver`, only calls on a
+    registry whose name holds it (`strategy_registry.register`), and no entries."""
+    names = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register" \
+                and node.args and receiver in ast.unparse(node.func.value):
+            first = node.args[0].func if isinstance(node.args[0], ast.Call) else node.args[0]  # cls.name()
+            value = first.value if isinstance(first, ast.Constant) else (
+                constants.get(first.attr) if isinstance(first, ast.Attribute) else None)
+            if isinstance(value, str):
+                names.add(value)
+        elif not receiver and isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+            for entry in node.value.elts:
+                if (isinstance(entry, ast.Tuple) and entry.elts and isinstance(entry.elts[0], ast.Constant)
+                        and isinstance(entry.elts[0].value, str)):
+                    names.add(entry.elts[0].value)
+    return names
 
 
 def lightning_accepts(kind: str, value: Any) -> bool:
     """Whether `value` is a name Lightning's Trainer takes for `kind` (see :func:`lightning_registry`)."""
-    return isinstance(value, str) and (value in _LIGHTNING_COMMON[kind] or value in lightning_registry(kind))
+    return isinstance(value, str) and value in lightning_registry(kind)
 
 
 # One rule per key of configs/default.yaml (data.eval.<name>.* is checked by `CATALOG_FIELDS`).
