@@ -66,20 +66,26 @@ def set_aside(path: str | os.PathLike) -> Path:
 _TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # atomic_path's names: .<target name>.<random>.tmp
 
 
-def remove_stale_temporaries(root: str | os.PathLike, skip: Iterable[str] = ("wandb",)) -> list[Path]:
-    """Delete the temporary files an interrupted :func:`atomic_path` write left under ``root`` (folders named in
-    ``skip`` aside); the paths removed. Only for a directory no other process is writing."""
+_RUN_FOLDERS = ("arrays", "checkpoints", "csv")  # what a run writes below its directory (W&B keeps its own)
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_path` write left in a run directory ``root``:
+    beside its own files, in its ``arrays/``, ``checkpoints/`` and ``csv/``, and the same in each sub-folder
+    holding a run of its own (replay's per-model folders); the paths removed. Only for a directory no other
+    process is writing."""
     root = Path(root)
-    removed = []
     if not root.is_dir():
-        return removed
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip]
-        for name in files:
-            if _TEMPORARY.fullmatch(name):
-                path = Path(folder) / name
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        return []
+    runs = [root, *(d for d in root.iterdir() if d.is_dir() and any((d / f).is_dir() for f in _RUN_FOLDERS))]
+    removed = []
+    for run in runs:
+        folders = [run, *(d for f in _RUN_FOLDERS if (run / f).is_dir() for d, _, _ in os.walk(run / f))]
+        for folder in map(Path, folders):
+            for path in folder.iterdir():
+                if path.is_file() and _TEMPORARY.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
     return sorted(removed)
 
 

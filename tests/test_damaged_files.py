@@ -116,11 +116,15 @@ def test_stale_temporaries_of_a_killed_atomic_write_are_removed(tmp_path: Path):
     assert proc.returncode == -9
     (stale,) = (tmp_path / "checkpoints").iterdir()
     assert stale.name.startswith(".last.ckpt.") and stale.name.endswith(".tmp") and not target.exists()
-    keep = [tmp_path / "notes.tmp", tmp_path / "wandb" / ".run.abcdefgh.tmp", tmp_path / "checkpoints" / "step_2.ckpt"]
-    for path in keep:
-        path.parent.mkdir(exist_ok=True)
+    keep = [tmp_path / "notes.tmp", tmp_path / "wandb" / ".run.abcdefgh.tmp", tmp_path / "checkpoints" / "step_2.ckpt",
+            tmp_path / "src" / ".a.py.abcdefgh.tmp"]  # not the package's: W&B's own folder, a user's folder
+    nested = [tmp_path / "org--model" / "arrays" / "code" / ".step_4.npz.abcd_123.tmp",  # replay's per-model run
+              tmp_path / ".results.jsonl.zzzzzzzz.tmp"]
+    for path in keep + nested:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert remove_stale_temporaries(tmp_path) == sorted([stale, *nested])
+    assert not any(p.exists() for p in nested)
     assert all(p.exists() for p in keep) and not stale.exists()
     with atomic_open(target) as handle:  # and a whole write leaves no temporary behind
         handle.write(b"ok")
