@@ -30,6 +30,68 @@ class ResultsError(ValueError):
     """A results file or arrays folder that cannot be read; the message says what and where."""
 
 
+class DamagedFileError(ResultsError):
+    """A file this package wrote that cannot be read back (emptied, truncated, overwritten with other bytes).
+
+    The message names the file, what is wrong with it and what to do; ``path`` is the file, ``reason`` what is
+    wrong with it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, remedy: str) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{self.path} is damaged ({reason}); {remedy}")
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_text(path: str | os.PathLike, remedy: str) -> str:
+    """A UTF-8 text file's contents; :class:`DamagedFileError` (naming the file, the first bad byte and
+    ``remedy``) when it holds bytes that are not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lines = data[:err.start].count(b"\n")
+        raise DamagedFileError(path, f"bytes that are not UTF-8 at offset {err.start}, after {lines} complete "
+                                     "line(s)", remedy) from None
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged file to ``<name>.damaged`` beside it (kept for inspection, no longer read); the new path."""
+    path = Path(path)
+    target = path.with_name(path.name + ".damaged")
+    os.replace(path, target)
+    return target
+
+
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # atomic_path's names: .<target name>.<random>.tmp
+
+
+_RUN_FOLDERS = ("arrays", "checkpoints", "csv")  # what a run writes below its directory (W&B keeps its own)
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_path` write left in a run directory ``root``:
+    beside its own files, in its ``arrays/``, ``checkpoints/`` and ``csv/``, and the same in each sub-folder
+    holding a run of its own (replay's per-model folders); the paths removed. Only for a directory no other
+    process is writing."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [root, *(d for d in root.iterdir() if d.is_dir() and any((d / f).is_dir() for f in _RUN_FOLDERS))]
+    removed = []
+    for run in runs:
+        folders = [run, *(d for f in _RUN_FOLDERS if (run / f).is_dir() for d, _, _ in os.walk(run / f))]
+        for folder in map(Path, folders):
+            for path in folder.iterdir():
+                if path.is_file() and _TEMPORARY.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return sorted(removed)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
@@ -57,7 +119,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
 def iter_result_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for each JSON object line of a results file; ``ResultsError`` on a bad line."""
     path = Path(path)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_text(path, "remove the bad bytes (the lines before them are intact) and rerun")
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -119,10 +182,42 @@ def save_state(root: str | os.PathLike, name: str, step: int, state: Mapping[str
         np.savez_compressed(handle, **arrays)  # the per-group bootstrap state is mostly zeros
 
 
+STATE_REMEDY = ("move it aside (e.g. to <name>.damaged) or delete it; that validation is then missing from the "
+                "record (rerun it, e.g. with replay.checkpoints=<the run's checkpoints>, to get it back)")
+STATE_ARRAYS = ("rank_counts", "rank_log_score_sum")
+
+
 def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of one state file."""
-    with np.load(path) as npz:
-        return {key: npz[key] for key in npz.files}
+    """Every array of one state file; :class:`DamagedFileError` naming the file when it cannot be read or lacks
+    ``rank_counts``/``rank_log_score_sum``. (``FileNotFoundError`` when there is no such file.)"""
+    try:
+        with np.load(path) as npz:
+            state = {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - numpy and zipfile raise many types for bad bytes
+        raise DamagedFileError(path, f"not a readable .npz: {_reason(err)}", STATE_REMEDY) from None
+    missing = [key for key in STATE_ARRAYS if key not in state]
+    if missing:
+        raise DamagedFileError(path, f"missing array(s) {missing}", STATE_REMEDY)
+    return state
+
+
+def check_state_file(path: str | os.PathLike) -> None:
+    """Cheaply check that a state file is a whole ``.npz`` holding the state arrays (its zip directory, which is
+    written last, is read; the arrays are not): :class:`DamagedFileError` if not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zipfile raises BadZipFile, OSError, EOFError, ...
+        raise DamagedFileError(path, f"not a readable .npz: {_reason(err)}", STATE_REMEDY) from None
+    missing = [key for key in STATE_ARRAYS if f"{key}.npy" not in names]
+    if missing:
+        raise DamagedFileError(path, f"missing array(s) {missing}", STATE_REMEDY)
 
 
 def state_files(folder: str | os.PathLike) -> dict[int, Path]:
@@ -131,6 +226,19 @@ def state_files(folder: str | os.PathLike) -> dict[int, Path]:
     if not folder.is_dir():
         return {}
     return {int(m.group(1)): p for p in folder.iterdir() if (m := _STATE_FILE.fullmatch(p.name))}
+
+
+def set_aside_damaged_states(root: str | os.PathLike, names: Iterable[str]) -> list[tuple[Path, str]]:
+    """Move every state file under ``root/arrays/<name>/`` that :func:`check_state_file` rejects to
+    ``<file>.damaged``, so nothing takes it for a saved step; ``(new path, why)`` of each."""
+    moved = []
+    for name in names:
+        for path in state_files(Path(root) / "arrays" / name).values():
+            try:
+                check_state_file(path)
+            except DamagedFileError as err:
+                moved.append((set_aside(path), err.reason))
+    return moved
 
 
 def saved_steps(root: str | os.PathLike, names: Iterable[str]) -> list[int]:

@@ -123,5 +123,5 @@ def test_load_arrays_names_a_npz_missing_an_array(tmp_path: Path) -> None:
     folder = tmp_path / "run" / "arrays" / "code"
     folder.mkdir(parents=True)
     np.savez(folder / "step_4.npz", rank_counts=np.array([3, 1, 0]))
-    with pytest.raises(ResultsError, match=r"step_4\.npz: missing array\(s\) \['rank_log_score_sum'\]"):
+    with pytest.raises(ResultsError, match=r"step_4\.npz is damaged \(missing array\(s\) \['rank_log_score_sum'\]\)"):
         load_arrays(tmp_path / "run")

@@ -198,3 +198,128 @@ def test_two_processes_under_torchrun_give_the_single_process_numbers(model, tmp
         assert metrics["eval_num_tokens"] == want["num_tokens"] == 10 * (T - 1)
         for key in KEYS:
             assert metrics[f"eval_{key}"] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+_KILLABLE_TRAINING = r'''
+import os, signal, sys
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
+import ce_dynamics.files as files
+from ce_dynamics.integrations.transformers import CEDecompositionEval, CEDecompositionTrainerCallback
+out, kill_step, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if kill_step >= 0:  # SIGKILL right after that step's state file is written (before W&B sees the step)
+    real = files.save_state
+    def save_then_die(root, name, step, state):
+        real(root, name, step, state)
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    files.save_state = save_then_die
+V, T = %d, %d
+torch.manual_seed(0)
+model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=64))
+g = torch.Generator().manual_seed(1)
+ids = torch.randint(0, V, (40, T), generator=g)
+train = [{"input_ids": ids[i], "labels": ids[i]} for i in range(32)]
+evals = {"code": [{"input_ids": ids[i], "labels": ids[i]} for i in range(32, 40)]}
+evaluator = CEDecompositionEval(vocab_size=V)
+args = TrainingArguments(output_dir=out, max_steps=8, eval_strategy="steps", eval_steps=2, save_steps=4,
+                         logging_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                         learning_rate=1e-2, report_to=["wandb"], use_cpu=True, dataloader_num_workers=0,
+                         seed=3, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                  preprocess_logits_for_metrics=evaluator.preprocess_logits_for_metrics,
+                  compute_metrics=evaluator.compute_metrics, callbacks=[CEDecompositionTrainerCallback(evaluator)])
+trainer.train(resume_from_checkpoint=True if resume else None)
+''' % (V, T)
+
+
+@pytest.mark.slow
+def test_sigkill_after_an_evals_arrays_then_resume_records_each_step_once_in_one_wandb_run(tmp_path):
+    """A real Trainer.train() SIGKILLed right after step 6's npz (before W&B has it; last checkpoint at step 4),
+    then `train(resume_from_checkpoint=True)`: one W&B run id, each eval step once in W&B, W&B equal to the npz,
+    and step 6's npz (the first evaluation) not overwritten by the resumed run's re-evaluation."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    # Without WANDB_SERVICE: a W&B service this test process started would outlive the killed child and keep its
+    # run "in use" (a user's killed process takes its own service with it).
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "ce-dynamics-test",
+           "WANDB_SILENT": "true", "PYTHONWARNINGS": "default"}
+
+    def train(kill_step: int, resume: bool) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _KILLABLE_TRAINING, str(out), str(kill_step), str(int(resume))],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+    killed = train(6, False)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # (each step once, below)
+    step6 = out / "arrays" / "code" / "step_6.npz"
+    first_record = step6.read_bytes()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    resumed = train(-1, True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step6.read_bytes() == first_record  # the first evaluation stays the record
+    print("step 6 re-evaluated with other numbers:", "code at step 6 was evaluated again" in resumed.stderr)
+
+    run_dirs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1, run_dirs  # one run
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    rows = []
+    for run_dir in run_dirs:
+        proc = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                              text=True, check=True, timeout=60)
+        rows += [json.loads(line)["history"]["item"] for line in proc.stdout.splitlines()
+                 if line.strip() and json.loads(line).get("type") == "history"]
+    decomp = [r for r in rows if "decomp/code/cross_entropy" in r]
+    assert sorted(r["train/global_step"] for r in decomp) == [2, 4, 6, 8], (run_dirs, resumed.stderr[-3000:])
+    evals = [r["train/global_step"] for r in rows if "eval/code_cross_entropy" in r]
+    assert len(evals) == len(set(evals))  # never two values of the Trainer's own eval numbers for one step
+    for row in decomp:
+        with np.load(out / "arrays" / "code" / f"step_{row['train/global_step']}.npz") as state:
+            ce = -state["rank_log_score_sum"].sum() / state["rank_counts"].sum()  # numpy, not the package
+        assert row["decomp/code/cross_entropy"] == pytest.approx(ce, rel=1e-12)
+        if "eval/code_cross_entropy" in row:
+            assert row["eval/code_cross_entropy"] == pytest.approx(ce, rel=1e-12)
+    assert sorted(p.name for p in (out / "arrays" / "code").iterdir()) == [f"step_{s}.npz" for s in (2, 4, 6, 8)]
+
+
+def test_a_reevaluated_step_keeps_the_first_record_and_wandb_gets_it_from_the_npz(model, tmp_path, monkeypatch):
+    """Step 0 evaluated without W&B, then again with other weights and W&B: the npz is not overwritten (a warning
+    names the step and both values), and W&B gets step 0 once, back-filled from the npz."""
+    import copy
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = {"code": Sequences(5, 6)}
+    trainer, _ = make_trainer(model, tmp_path, data, False)
+    first = trainer.evaluate()["eval_code_cross_entropy"]
+    path = tmp_path / "out" / "arrays" / "code" / "step_0.npz"
+    saved = path.read_bytes()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(3.0)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "ce-dynamics-test")
+    trainer, _ = make_trainer(other, tmp_path, data, False, report_to=["wandb"])
+    with pytest.warns(RuntimeWarning, match=r"code at step 0 was evaluated again .* differs from the record"):
+        second = trainer.evaluate()["eval_code_cross_entropy"]
+    assert abs(second - first) > 1e-3 and path.read_bytes() == saved
+    import wandb
+
+    run_dir = Path(wandb.run.dir).parent
+    wandb.finish()
+    assert (tmp_path / "out" / "wandb_run_id").read_text() == run_dir.name.rsplit("-", 1)[1]
+    proc = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run_dir)],
+                          capture_output=True, text=True, check=True, timeout=60)
+    rows = [json.loads(line)["history"]["item"] for line in proc.stdout.splitlines()
+            if line.strip() and json.loads(line).get("type") == "history"]
+    decomp = [r for r in rows if "decomp/code/cross_entropy" in r]
+    assert [r["train/global_step"] for r in decomp] == [0]
+    assert decomp[0]["decomp/code/cross_entropy"] == pytest.approx(first, rel=1e-12)
+    assert not any("eval/code_cross_entropy" in r for r in rows)  # the refused evaluation's numbers: nowhere

@@ -321,3 +321,67 @@ def test_results_file_appends_atomically_and_rejects_bad_rows(tmp_path: Path) ->
     path.write_text(before.decode() + "{half a row")
     with pytest.raises(ValueError, match="results.jsonl:3"):
         read_results(path)
+
+
+def _csv_rows(folder: Path) -> list[dict]:
+    import csv
+
+    (path,) = folder.glob("csv/version_*/metrics.csv")
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("decomp/code/cross_entropy")]
+
+
+@pytest.mark.slow
+def test_main_gets_its_own_state_file_and_row_in_every_sink(walk, tiny_hub: HubCache, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """`replay.revisions=[0,main]` (main -> step4's commit): main lives in `<slug>@main/`, at step 4, beside step0's
+    record, with the numbers of step4's weights; the summary lists it and the walk exits 0."""
+    _, reference = walk
+    out = tmp_path / "out"
+    with offline_hub(tiny_hub.root):
+        assert replay(out, *hub_args(tiny_hub, "[0,main]")) == 0
+    assert "main" in capsys.readouterr().out  # the end-of-run summary names the revision
+    rows = read_results(out / "results.jsonl")
+    assert [(r["revision"], r["step"], r["dataset"]) for r in rows] == [
+        ("step0", 0, "code"), ("step0", 0, "prose"), ("main", 4, "code"), ("main", 4, "prose")]
+    assert rows[2]["commit"] == tiny_hub.commits[4]
+    model, main = out / model_slug(tiny_hub.hub_id), out / f"{model_slug(tiny_hub.hub_id)}@main"
+    ref_rows = {(r["step"], r["dataset"]): r for r in read_results(reference / "results.jsonl")}
+    for folder, step in ((model, 0), (main, 4)):
+        for name in ("code", "prose"):
+            assert [p.name for p in (folder / "arrays" / name).iterdir()] == [f"step_{step}.npz"]
+            with np.load(folder / "arrays" / name / f"step_{step}.npz") as got, \
+                    np.load(reference / model.name / "arrays" / name / f"step_{step}.npz") as want:
+                np.testing.assert_array_equal(got["rank_counts"], want["rank_counts"])
+                np.testing.assert_array_equal(got["rank_log_score_sum"], want["rank_log_score_sum"])
+        decomp = [h for h in wandb_history(folder) if "decomp/code/cross_entropy" in h]
+        assert [h["trainer/global_step"] for h in decomp] == [step]
+        (csv_row,) = _csv_rows(folder)
+        assert int(csv_row["step"]) == step
+        for key in KEYS:
+            assert decomp[0][f"decomp/code/{key}"] == pytest.approx(ref_rows[(step, "code")][key], rel=1e-12)
+            assert float(csv_row[f"decomp/code/{key}"]) == pytest.approx(ref_rows[(step, "code")][key], rel=1e-9)
+
+
+def test_a_named_revision_of_no_known_step_is_recorded_with_step_null(tiny_hub: HubCache, tmp_path: Path) -> None:
+    """main pointing at a commit no stepN branch has: its own folder, its arrays at step 0, its row step null;
+    a rerun skips it."""
+    cache = tmp_path / "hub"
+    shutil.copytree(tiny_hub.root, cache, symlinks=True)
+    repo = cache / tiny_hub.repo_dir.name
+    commit = "e" * 40
+    (repo / "snapshots" / commit).mkdir()
+    for link in (repo / "snapshots" / tiny_hub.commits[2]).iterdir():
+        (repo / "snapshots" / commit / link.name).symlink_to(os.readlink(link))
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "out"
+    args = [*hub_args(tiny_hub, "[main]"), "data.eval_sets=[prose]", "logger.wandb.mode=disabled"]
+    with offline_hub(cache):
+        assert replay(out, *args) == 0
+        (row,) = read_results(out / "results.jsonl")
+        assert (row["revision"], row["step"], row["commit"]) == ("main", None, commit)
+        main = out / f"{model_slug(tiny_hub.hub_id)}@main"
+        assert [p.name for p in (main / "arrays" / "prose").iterdir()] == ["step_0.npz"]
+        assert not (out / model_slug(tiny_hub.hub_id)).exists()
+        assert replay(out, *args) == 0
+    assert len(read_results(out / "results.jsonl")) == 1

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ce_dynamics.files import ResultsError, iter_result_rows, state_files
+from ce_dynamics.files import ResultsError, iter_result_rows, load_state, state_files
 
 __all__ = [
     "COMPONENTS",
@@ -172,12 +172,9 @@ def load_arrays(path: str | Path) -> dict[str, dict[int, dict[str, np.ndarray]]]
     if folder.is_dir():
         for dataset_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
             for step, file in state_files(dataset_dir).items():
-                with np.load(file) as data:
-                    missing = {"rank_counts", "rank_log_score_sum"} - set(data.files)
-                    if missing:
-                        raise ResultsError(f"{file}: missing array(s) {sorted(missing)}")
-                    state = {key: data[key] for key in data.files  # the bootstrap's per-group arrays too
-                             if key in ("rank_counts", "rank_log_score_sum") or key.startswith("bootstrap_")}
+                data = load_state(file)  # DamagedFileError (a ResultsError) names a file that cannot be read
+                state = {key: data[key] for key in data  # the bootstrap's per-group arrays too
+                         if key in ("rank_counts", "rank_log_score_sum") or key.startswith("bootstrap_")}
                 out.setdefault(dataset_dir.name, {})[step] = state
     if not out:
         raise ResultsError(f"no arrays/<dataset>/step_<N>.npz files under {root} (a training run's output_dir holds "

@@ -18,6 +18,9 @@ Under ``accelerate`` with several processes the Trainer gathers the per-token va
 from __future__ import annotations
 
 import os
+import sys
+import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -150,15 +153,27 @@ class CEDecompositionEval:
 
 
 class CEDecompositionTrainerCallback(TrainerCallback):
-    """After each evaluation, saves the state of `evaluator` to ``<output_dir>/arrays/<set>/step_<N>.npz``
-    (as the Lightning callback does) and, when ``report_to`` includes wandb, logs the p_e/q_e histograms and
-    the p_e-vs-q_e image of every eval set to the W&B run.
+    """Records each evaluation exactly once, as the Lightning callback does: the state of `evaluator` is saved
+    first, atomically, to ``<output_dir>/arrays/<set>/step_<N>.npz`` (the truth), then logged to W&B when
+    ``report_to`` includes wandb: one row per eval set and step holding the Trainer's ``eval/<set>_*`` numbers,
+    ``decomp/<set>/<key>`` and the p_e/q_e histograms and image.
+
+    With W&B it takes the Trainer's own ``WandbCallback`` over (it forwards the training logs to it and logs the
+    evaluations itself), so that:
+
+    * the W&B run is the same across ``trainer.train(resume_from_checkpoint=...)``: its id is kept in
+      ``<output_dir>/wandb_run_id`` (a run the user started with ``wandb.init`` before is used as it is);
+    * a step W&B durably holds (read back from the run's transaction logs) is never logged again, and on (re)start
+      every saved step W&B lacks (a process killed between the npz and the W&B row) is logged from its npz;
+    * an evaluation at a step already saved (a resume from an earlier checkpoint re-evaluates it, and the
+      Trainer's resume is not bit-exact) is not recorded again: the first evaluation stays the record in every
+      sink, and a warning says by how much the new one differs. Never two values for one step.
 
     Args:
         evaluator: the :class:`CEDecompositionEval` whose ``compute_metrics`` the Trainer uses.
         output_dir: where ``arrays/`` goes; None: the Trainer's ``args.output_dir``.
-        save_arrays: write the npz files.
-        log_histograms: log to W&B (only when a W&B run is active and ``report_to`` includes wandb).
+        save_arrays: write the npz files (without them, nothing is back-filled or kept from a re-evaluation).
+        log_histograms: log to W&B (only when ``report_to`` includes wandb).
         max_buckets: histogram buckets (W&B allows at most 512).
     """
 
@@ -174,6 +189,9 @@ class CEDecompositionTrainerCallback(TrainerCallback):
         self.log_histograms = log_histograms
         self.max_buckets = max_buckets
         self._renderers: dict[str, Any] = {}
+        self._wandb_callback: Any = None  # the Trainer's WandbCallback, taken over (see on_init_end)
+        self._ledgers: dict[str, set[int]] = {}  # per eval set: the steps W&B holds
+        self._backfilled = False
 
     @staticmethod
     def eval_set_name(metrics: Mapping[str, Any]) -> str | None:
@@ -185,35 +203,180 @@ class CEDecompositionTrainerCallback(TrainerCallback):
                 return prefix[len("eval_"):] if prefix.startswith("eval_") else prefix
         return None
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
-                    **kwargs: Any) -> None:
-        name = self.eval_set_name(metrics or {})
-        if name is None or self.evaluator.last_state is None or not state.is_world_process_zero:
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._wants_wandb(args):
             return
-        counts, sums = self.evaluator.last_state
-        step = int(state.global_step)
-        if self.save_arrays:
-            from ce_dynamics.files import save_state
+        from transformers.integrations import WandbCallback
+        from transformers.trainer_callback import CallbackHandler
 
-            root = self.output_dir if self.output_dir is not None else Path(args.output_dir)
-            save_state(root, name, step, {"rank_counts": counts, "rank_log_score_sum": sums,
-                                          **self.evaluator.last_bootstrap_state})
+        handler = sys._getframe(1).f_locals.get("self")  # the CallbackHandler calling this hook
+        if not isinstance(handler, CallbackHandler):
+            warnings.warn("CEDecompositionTrainerCallback: cannot reach the Trainer's callbacks; its WandbCallback "
+                          "logs the evaluations itself (a re-evaluated step may reach W&B twice)", stacklevel=2)
+            return
+        for callback in list(handler.callbacks):
+            if isinstance(callback, WandbCallback):
+                handler.callbacks.remove(callback)
+                self._wandb_callback = callback
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start_wandb(args, state, kwargs.get("model"))
+        self._forward("on_train_begin", args, state, control, **kwargs)
+        self._backfill(args, state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forward("on_train_end", args, state, control, **kwargs)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forward("on_save", args, state, control, **kwargs)
+
+    def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forward("on_predict", args, state, control, **kwargs)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        logs = dict(logs or {})
+        name = self.eval_set_name(logs)
+        if name is None or self.evaluator.last_state is None:
+            self._start_wandb(args, state, kwargs.get("model"))
+            self._forward("on_log", args, state, control, logs=logs, **kwargs)
+            return
+        if state.is_world_process_zero:
+            self._backfill(args, state)
+            self._record(args, state, name, logs)
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _root(self, args: Any) -> Path:
+        return self.output_dir if self.output_dir is not None else Path(args.output_dir)
+
+    def _wants_wandb(self, args: Any) -> bool:
         report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
-        if self.log_histograms and "wandb" in report_to:
-            self._log_wandb(name, counts, sums, step)
+        return "wandb" in report_to
 
-    def _log_wandb(self, name: str, counts: np.ndarray, sums: np.ndarray, step: int) -> None:
+    def _forward(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._wandb_callback is not None:
+            getattr(self._wandb_callback, event)(args, state, control, **kwargs)
+
+    def _start_wandb(self, args: Any, state: Any, model: Any = None) -> Any:
+        """The W&B run (started here, before the WandbCallback's setup, with the id kept in output_dir), or None
+        without W&B or off world rank zero."""
+        if not self._wants_wandb(args) or not state.is_world_process_zero:
+            return None
         import wandb
 
         if wandb.run is None:
+            from ce_dynamics.files import atomic_open
+
+            path = self._root(args) / "wandb_run_id"
+            run_id = path.read_text().strip() if path.is_file() else ""
+            if not run_id:
+                run_id = uuid.uuid4().hex[:12]
+                with atomic_open(path, "w") as handle:
+                    handle.write(run_id)
+            wandb.init(project=os.getenv("WANDB_PROJECT", "huggingface"), name=args.run_name, id=run_id,
+                       resume="allow")
+        callback = self._wandb_callback
+        if callback is not None and not callback._initialized:
+            callback.setup(args, state, model)
+        return wandb.run
+
+    def _ledger(self, run: Any, name: str) -> set[int]:
+        """The steps whose ``decomp/<name>/`` row the W&B run durably holds (read back once, then kept)."""
+        if name not in self._ledgers:
+            from ce_dynamics.wandb_history import logged_steps, run_files
+
+            files = run_files(Path(run.dir).parent.parent, run.id)
+            self._ledgers[name] = logged_steps(files, f"decomp/{name}/", step_key="train/global_step")
+        return self._ledgers[name]
+
+    def _record(self, args: Any, state: Any, name: str, logs: Mapping[str, Any]) -> None:
+        """Save this evaluation's state (unless the step is saved already: then the saved one stands), then log
+        the row of whatever is saved to W&B, if W&B lacks it."""
+        from ce_dynamics.files import save_state, state_path
+
+        counts, sums = self.evaluator.last_state
+        step = int(state.global_step)
+        path = state_path(self._root(args), name, step)
+        saved = _readable_state(path) if self.save_arrays and path.exists() else None
+        if saved is not None:
+            self._refuse_reevaluation(path, name, step, saved, counts, sums)
+            counts, sums, logs = saved["rank_counts"], saved["rank_log_score_sum"], {}
+        elif self.save_arrays:
+            save_state(self._root(args), name, step, {"rank_counts": counts, "rank_log_score_sum": sums,
+                                                      **self.evaluator.last_bootstrap_state})
+        run = self._start_wandb(args, state)
+        if run is None or not self.log_histograms or step in self._ledger(run, name):
             return
+        from transformers.integrations.integration_utils import rewrite_logs
+
+        row = {**rewrite_logs(logs), **self._row(name, counts, sums, step), "train/global_step": step}
+        run.log(row)
+        self._ledger(run, name).add(step)
+
+    @staticmethod
+    def _refuse_reevaluation(path: Path, name: str, step: int, saved: Mapping[str, np.ndarray],
+                             counts: np.ndarray, sums: np.ndarray) -> None:
+        if np.array_equal(saved["rank_counts"], counts) and np.array_equal(saved["rank_log_score_sum"], sums):
+            return
+        old = decomposition_from_state(torch.as_tensor(saved["rank_counts"]),
+                                       torch.as_tensor(saved["rank_log_score_sum"]))["cross_entropy"]
+        new = decomposition_from_state(torch.as_tensor(counts), torch.as_tensor(sums))["cross_entropy"]
+        warnings.warn(f"CEDecompositionTrainerCallback: {name} at step {step} was evaluated again (a resume from an "
+                      f"earlier checkpoint; the Trainer's resume is not bit-exact) and differs from the record "
+                      f"(cross_entropy {float(old):.6f} recorded in {path}, {float(new):.6f} now); the first "
+                      "evaluation stays the record in every sink and this one is not logged", RuntimeWarning,
+                      stacklevel=3)
+
+    def _row(self, name: str, counts: np.ndarray, sums: np.ndarray, step: int) -> dict[str, Any]:
+        """``decomp/<name>/<key>`` scalars and the p_e/q_e histograms and image of one state."""
+        import wandb
+
         from ce_dynamics.plotting import PEQERenderer, wandb_rank_histograms
 
-        out = decomposition_from_state(torch.from_numpy(counts), torch.from_numpy(sums))
+        out = decomposition_from_state(torch.as_tensor(counts), torch.as_tensor(sums))
+        row: dict[str, Any] = {f"decomp/{name}/{key}": float(out[key]) for key in KEYS}
+        row[f"decomp/{name}/num_tokens"] = int(out["num_tokens"])
         p_e, q_e = out["p_e"].numpy(), out["q_e"].numpy()
-        media = {f"decomp/{name}/{key}": hist
-                 for key, hist in wandb_rank_histograms(p_e, q_e, self.max_buckets).items()}
+        row.update({f"decomp/{name}/{key}": hist
+                    for key, hist in wandb_rank_histograms(p_e, q_e, self.max_buckets).items()})
         renderer = self._renderers.setdefault(name, PEQERenderer())
-        media[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}",
-                                                                          values=out))
-        wandb.run.log({**media, "train/global_step": step})
+        row[f"decomp/{name}/p_e_vs_q_e"] = wandb.Image(renderer.render(p_e, q_e, title=f"{name}, step {step}",
+                                                                        values=out))
+        return row
+
+    def _backfill(self, args: Any, state: Any) -> None:
+        """Once per process: log every saved step W&B lacks (a process killed between the npz and the row);
+        a state file that cannot be read is moved aside, loudly, and logged nowhere."""
+        if self._backfilled or not state.is_world_process_zero:
+            return
+        self._backfilled = True
+        run = self._start_wandb(args, state)
+        arrays = self._root(args) / "arrays"
+        if run is None or not self.log_histograms or not arrays.is_dir():
+            return
+        from ce_dynamics.files import state_files
+
+        for folder in sorted(p for p in arrays.iterdir() if p.is_dir()):
+            for step, path in sorted(state_files(folder).items()):
+                if step in self._ledger(run, folder.name) or (saved := _readable_state(path)) is None:
+                    continue
+                run.log({**self._row(folder.name, saved["rank_counts"], saved["rank_log_score_sum"], step),
+                         "train/global_step": step})
+                self._ledger(run, folder.name).add(step)
+
+
+def _readable_state(path: Path) -> dict[str, np.ndarray] | None:
+    """A saved state, or None when it cannot be read: then it is moved aside to ``*.damaged``, with a warning
+    naming it, and what it held is logged nowhere."""
+    from ce_dynamics.files import DamagedFileError, load_state, set_aside
+
+    try:
+        return load_state(path)
+    except DamagedFileError as err:
+        moved = set_aside(path)
+        warnings.warn(f"CEDecompositionTrainerCallback: {err}; moved aside to {moved}: that evaluation is logged "
+                      "nowhere (a new evaluation at that step is recorded anew)", RuntimeWarning, stacklevel=3)
+        return None

@@ -23,15 +23,19 @@ from typing import Any
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from ce_dynamics.files import atomic_open
+from ce_dynamics.files import atomic_open, read_text
+
+CSV_REMEDY = ("cut the file before the bad bytes (the rows before them are intact) or move it aside; the "
+              "decomposition rows are then back-filled from arrays/ on the next start")
 
 
 def read_metrics_csv(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a metrics CSV; a last line cut short by a crash (wrong field count) is dropped."""
+    """(columns, rows) of a metrics CSV; a last line cut short by a crash (wrong field count) is dropped.
+    ``DamagedFileError`` (naming the file) when it holds bytes that are not UTF-8."""
     path = Path(path)
     if not path.exists():
         return [], []
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, CSV_REMEDY)
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]  # torn by a crash mid-write

@@ -28,9 +28,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from ce_dynamics.bootstrap import interval_keys, replicates_field, summary_of_state
 from ce_dynamics.bpb import bits_per_byte
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
-from ce_dynamics.files import load_state, saved_steps, state_path
+from ce_dynamics.files import DamagedFileError, load_state, saved_steps, set_aside, set_aside_damaged_states, state_path
 from ce_dynamics.functional import KEYS, decomposition_from_state
-from ce_dynamics.lightning.wandb_history import logged_steps, run_files
+from ce_dynamics.wandb_history import logged_steps, run_files
 
 ROW_PREFIX = "decomp/"
 _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionary()
@@ -155,19 +155,45 @@ def backfill(loggers: Iterable[Logger], root: Path, names: Iterable[str],
              media: Callable[[dict[str, Any], int], dict[str, Any]] | None) -> list[int]:
     """Log every step saved under ``root/arrays`` (for all of ``names``) to each readable logger lacking it.
 
-    Returns the steps that were logged somewhere. ``media`` None: W&B rows get scalars only.
+    Returns the steps that were logged somewhere. ``media`` None: W&B rows get scalars only. A state file that
+    cannot be read is moved aside to ``<file>.damaged`` with a warning naming it (:func:`report_damaged`), and
+    its step is logged nowhere: no logger is told of a row without the state behind it.
     """
     names = list(names)
+    loggers = list(loggers)
+    for path, why in set_aside_damaged_states(root, names):
+        report_damaged(path, why, loggers)
     readable = [lg for lg in loggers if ledger(lg) is not None]
     done = []
     for step in saved_steps(root, names) if readable else []:
         lacking = [lg for lg in readable if not holds(lg, step)]
         if not lacking:
             continue
-        results = {name: results_of(load_state(state_path(root, name, step))) for name in names}
+        try:
+            results = {name: results_of(load_state(state_path(root, name, step))) for name in names}
+        except DamagedFileError as err:  # the zip directory was whole but an array is not
+            report_damaged(set_aside(err.path), err.reason, loggers)
+            continue
         scalars = scalars_of(results)
         for logger in lacking:
             extra = media(distributions_of(results), step) if media and isinstance(logger, WandbLogger) else None
             log_row(logger, step, scalars, extra)
         done.append(step)
     return done
+
+
+def report_damaged(moved: Path, why: str, loggers: Iterable[Logger]) -> None:
+    """Say, loudly, that a state file was damaged and moved aside, and what that means for the record."""
+    import re
+    import sys
+    import warnings
+
+    match = re.fullmatch(r"step_(\d+)\.npz\.damaged", moved.name)
+    step = int(match.group(1)) if match else None
+    holding = [type(lg).__name__ for lg in loggers if step is not None and holds(lg, step)]
+    consequence = (f"{', '.join(holding)} already hold(s) a row for step {step} that no saved state backs"
+                   if holding else f"step {step} is logged to no logger that lacks it")
+    message = (f"damaged state file {moved.with_suffix('')} ({why}) moved aside to {moved}; {consequence}. "
+               "Re-evaluate that step (replay its checkpoint) to restore it.")
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    print(f"ce-dynamics: warning: {message}", file=sys.stderr, flush=True)  # loud even where warnings are off

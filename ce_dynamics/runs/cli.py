@@ -78,6 +78,12 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # a file of the run it cannot read (DamagedFileError): which one, and what to do
+        files = sys.modules.get("ce_dynamics.files")  # not imported yet: no DamagedFileError (and no torch)
+        if files is None or not isinstance(err, files.DamagedFileError):
+            raise
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
     if cfg.mode == "replay" and cfg.replay.dry_run:  # the plan is the whole output
         return code
     from ce_dynamics.runs.summary import print_summary

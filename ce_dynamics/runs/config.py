@@ -117,6 +117,14 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.eval_sets must name entries of data.eval; unknown {unknown}, available: {', '.join(cfg.data.eval)}"
         )
+    repeated = sorted({n for n in cfg.data.eval_sets if list(cfg.data.eval_sets).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"data.eval_sets={list(cfg.data.eval_sets)}: {', '.join(repeated)} named twice; expected "
+                          f"each eval set once (one validation dataloader and one record per name)")
+    train = cfg.data.train
+    if train.source in ("file", "hf") and not train.path:
+        what = "a text or .jsonl file" if train.source == "file" else "a Hugging Face dataset id"
+        raise ConfigError(f"data.train.path=null: expected {what} for data.train.source={train.source}")
     m = cfg.model
     if m.pretrained and not m.hub_id:
         raise ConfigError("model.pretrained=true needs model.hub_id (the Hugging Face id to load)")
@@ -148,6 +156,15 @@ def preflight(cfg: DictConfig, argv: list[str] | None = None, prog: str = "train
                           f"(output_dir/checkpoints/last.ckpt), 'last_or_new' or the path of a checkpoint")
     out = Path(cfg.output_dir)
     _check_writable(out)
+    _check_writable(Path(cfg.data.cache_dir).expanduser(), "data.cache_dir")
+    files = {"data.train.path": cfg.data.train.path} if cfg.data.train.source == "file" else {}
+    files.update({f"data.eval.{name}.path": cfg.data.eval[name].get("path") for name in cfg.data.eval_sets
+                  if cfg.data.eval[name].get("source") == "file"})
+    for key, path in files.items():
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{key}={path}: no such file; expected a text file or a .jsonl (a document per line)")
+    if cfg.mode == "train" and cfg.ckpt_path is not None:
+        _check_resumable(cfg, out)
     if cfg.mode != "train" or not _first_process():
         return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
@@ -175,23 +192,47 @@ def preflight(cfg: DictConfig, argv: list[str] | None = None, prog: str = "train
             path.unlink()
 
 
+def _check_resumable(cfg: DictConfig, out: Path) -> None:
+    """A resume refuses a checkpoint or CSV log it cannot read (DamagedFileError naming the file and what to do),
+    instead of failing seconds later with a bare EOFError or UnicodeDecodeError."""
+    import zipfile
+
+    from ce_dynamics.files import DamagedFileError, read_text
+
+    ckpt = out / "checkpoints" / "last.ckpt" if cfg.ckpt_path in RESUME_VALUES else Path(cfg.ckpt_path)
+    if ckpt.is_file():
+        try:  # torch.save writes a zip archive whose directory comes last: a cut or emptied file has none
+            zipfile.ZipFile(ckpt).close()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise DamagedFileError(ckpt, f"not a readable checkpoint: {type(err).__name__}: {err}",
+                                   "resume from another checkpoint (ckpt_path=<file>; checkpoint.keep=all keeps one "
+                                   "per validation), or move it aside and start afresh with overwrite=true") from None
+    from ce_dynamics.lightning.csv_logger import CSV_REMEDY
+
+    csv_log = out / "csv" / "version_0" / "metrics.csv"
+    if csv_log.is_file():
+        read_text(csv_log, CSV_REMEDY)
+
+
 def _first_process() -> bool:
     """False in a process a launcher started as a non-zero rank (Lightning's DDP children, torchrun, SLURM)."""
     return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse an output_dir that cannot be created or written, by trying (permission bits lie to root)."""
+def _check_writable(out: Path, key: str = "output_dir") -> None:
+    """Refuse a directory (`key`'s value) that cannot be created or written, by trying (permission bits lie to
+    root)."""
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"output_dir={out}: {probe} is not a directory; expected a directory path")
+        raise ConfigError(f"{key}={out}: {probe} is not a directory; expected a directory path")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as err:
-        raise ConfigError(f"output_dir={out} is not writable ({err.strerror} in {probe}); expected a directory "
-                          f"this user can write, e.g. output_dir=/tmp/run") from None
+        raise ConfigError(f"{key}={out} is not writable ({err.strerror} in {probe}); expected a directory "
+                          f"this user can write, e.g. {key}=/tmp/run") from None
+
 
 
 def _default_comments(config_dir: Path) -> dict[str, str]:

@@ -58,15 +58,17 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _bounds(low: float | None, high: float | None, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+def _bounds(low: float | None, high: float | None, low_open: bool = False,
+            high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
     words = []
     if low is not None:
         words.append(f"{'>' if low_open else '>='} {low}")
     if high is not None:
-        words.append(f"<= {high}")
+        words.append(f"{'<' if high_open else '<='} {high}")
 
     def inside(v: Any) -> bool:
-        return (low is None or (v > low if low_open else v >= low)) and (high is None or v <= high)
+        return ((low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
 
     return inside, (" " + " and ".join(words)) if words else ""
 
@@ -76,8 +78,9 @@ def integer(low: int | None = None, high: int | None = None) -> Rule:
     return Rule(lambda v: _is_int(v) and inside(v), f"an integer{words}")
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Rule:
-    inside, words = _bounds(low, high, low_open)
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Rule:
+    inside, words = _bounds(low, high, low_open, high_open)
     return Rule(lambda v: _is_number(v) and inside(v), f"a number{words}")
 
 
@@ -100,6 +103,64 @@ ANY = Rule(lambda v: True, "anything")
 POSITIVE = integer(1)
 TIME = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None,
             "a duration 'DD:HH:MM:SS'")
+
+# Names Lightning's Trainer takes for `accelerator=` / `strategy=` besides those in its registries.
+_LIGHTNING_ALIASES = {"accelerators": ("auto", "gpu"), "strategies": ("auto",)}
+_SINGULAR = {"accelerators": "accelerator", "strategies": "strategy"}
+
+
+@functools.lru_cache(maxsize=2)
+def lightning_registry(kind: str) -> frozenset[str]:
+    """Every name `lightning.Trainer` takes for `accelerator=` (kind "accelerators") or `strategy=`
+    ("strategies"): the names Lightning's `register_<kind>` class methods put in its registry, read from its
+    source with `ast` (importing lightning costs seconds), plus the connector's own aliases."""
+    root = _lightning_dir()
+    folder = root / "pytorch" / kind if root else None
+    if folder is None or not folder.is_dir():
+        raise ConfigError(f"cannot find lightning's {kind} (pip install lightning) to check trainer.* keys")
+    names = set(_LIGHTNING_ALIASES[kind])
+    for path in [*folder.glob("*.py"), *(root / "pytorch" / "_graveyard").glob("*.py")]:  # deprecated aliases too
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                constants = {t.id: a.value.value for a in node.body if isinstance(a, ast.Assign)
+                             for t in a.targets if isinstance(t, ast.Name) and isinstance(a.value, ast.Constant)}
+                constants.update({f.name: f.body[-1].value.value for f in node.body  # def name(cls): return "cpu"
+                                  if isinstance(f, ast.FunctionDef) and isinstance(f.body[-1], ast.Return)
+                                  and isinstance(f.body[-1].value, ast.Constant)})
+                for function in node.body:
+                    if isinstance(function, ast.FunctionDef) and function.name == f"register_{kind}":
+                        names.update(_registered_names(function, constants))
+            elif isinstance(node, ast.FunctionDef) and path.parent.name == "_graveyard":
+                names.update(_registered_names(node, {}, receiver=_SINGULAR[kind]))
+    return frozenset(names)
+
+
+def _registered_names(function: ast.FunctionDef, constants: Mapping[str, Any], receiver: str = "") -> set[str]:
+    """The string names a `register_<kind>` method registers: `registry.register("name", ...)` or
+    `registry.register(cls.<constant of the class or method returning one>, ...)`, or the first field of each entry of a tuple of tuples
+    looped over (`for name, ... in entries: registry.register(name, ...)`). With `receiver`, only calls on a
+    registry whose name holds it (`strategy_registry.register`), and no entries."""
+    names = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register" \
+                and node.args and receiver in ast.unparse(node.func.value):
+            first = node.args[0].func if isinstance(node.args[0], ast.Call) else node.args[0]  # cls.name()
+            value = first.value if isinstance(first, ast.Constant) else (
+                constants.get(first.attr) if isinstance(first, ast.Attribute) else None)
+            if isinstance(value, str):
+                names.add(value)
+        elif not receiver and isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+            for entry in node.value.elts:
+                if (isinstance(entry, ast.Tuple) and entry.elts and isinstance(entry.elts[0], ast.Constant)
+                        and isinstance(entry.elts[0].value, str)):
+                    names.add(entry.elts[0].value)
+    return names
+
+
+def lightning_accepts(kind: str, value: Any) -> bool:
+    """Whether `value` is a name Lightning's Trainer takes for `kind` (see :func:`lightning_registry`)."""
+    return isinstance(value, str) and value in lightning_registry(kind)
+
 
 # One rule per key of configs/default.yaml (data.eval.<name>.* is checked by `CATALOG_FIELDS`).
 RULES: dict[str, Rule] = {
@@ -134,18 +195,27 @@ RULES: dict[str, Rule] = {
     "data.cache_dir": STR,
     "data.tokenizer_train_chars": POSITIVE,
     "data.train.source": one_of(*SOURCES),
+    "data.train.path": STR | NULL,
+    "data.train.name": STR | NULL,
+    "data.train.split": STR | NULL,
+    "data.train.field": STR | NULL,
     "data.train.max_chars": POSITIVE | NULL,
     "data.eval_sets": list_of(STR),
     "optim.lr": number(0, low_open=True),
     "optim.min_lr_ratio": number(0, 1),
     "optim.warmup_steps": integer(0),
     "optim.weight_decay": number(0),
-    "optim.betas": list_of(number(0, 1), length=2),
+    "optim.betas": list_of(number(0, 1, high_open=True), length=2),  # torch.optim.AdamW: 0 <= beta < 1
     "optim.eps": number(0, low_open=True),
-    "trainer.accelerator": STR,
-    "trainer.devices": POSITIVE | one_of(-1) | STR | list_of(integer(0)),
+    "trainer.accelerator": Rule(lambda v: lightning_accepts("accelerators", v),
+                                "one of Lightning's accelerators (auto, cpu, cuda, gpu, mps, tpu, ...)"),
+    # Lightning's device parser: an int, -1 (all), a list of indices, or the same as a string ('1', '0,1', 'auto')
+    "trainer.devices": POSITIVE | one_of(-1) | list_of(integer(0)) | Rule(
+        lambda v: isinstance(v, str) and re.fullmatch(r"\s*(auto|-1|\d+|\d+(\s*,\s*\d+)*\s*,?)\s*", v) is not None,
+        "a string of the same ('auto', '2', '0,1')"),
     "trainer.num_nodes": POSITIVE,
-    "trainer.strategy": STR,
+    "trainer.strategy": Rule(lambda v: lightning_accepts("strategies", v),
+                             "one of Lightning's registered strategies (auto, ddp, ddp_spawn, fsdp, deepspeed, ...)"),
     "trainer.max_steps": Rule(integer(-1).ok, "an integer >= -1 (-1: no limit)"),
     "trainer.max_epochs": integer(-1) | NULL,
     "trainer.val_check_interval": POSITIVE | number(0, 1, low_open=True) | TIME | NULL,
@@ -306,12 +376,16 @@ def _refuse(key: str, value: Any, expected: str) -> None:
 def check_types(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
     """Raise ConfigError on the first key whose value breaks its rule, naming key, value and what is expected.
 
-    `defaults` maps dotted keys to default.yaml's values (for keys without a rule).
+    `defaults` maps dotted keys to default.yaml's values (for keys without a rule). A section of default.yaml
+    (`model`, `trainer`, ...) stays a section, and a plain value (`seed`, `checkpoint.keep`) takes no sub-keys.
     """
+    _check_sections(cfg, defaults)
     for key, value in flat_items(cfg):
         if key.startswith("trainer."):
             name = key.removeprefix("trainer.")
             allowed = trainer_arguments()
+            if "." in name and name.split(".")[0] in allowed:
+                _refuse_sub_key(key, f"trainer.{name.split('.')[0]}")
             if name in TRAINER_SET_BY_TRAIN_PY:
                 raise ConfigError(f"{key} cannot be set: {TRAINER_SET_BY_TRAIN_PY[name]}")
             if name not in allowed:
@@ -322,13 +396,44 @@ def check_types(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
         elif key == "data.eval":
             _check_catalog(value)
             continue
+        elif key not in defaults:
+            parts = key.split(".")
+            parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                           if ".".join(parts[:i]) in defaults), None)
+            if parent is not None:
+                _refuse_sub_key(key, parent)
+            raise ConfigError(f"unknown key '{key}'")
         else:
             rule = RULES.get(key) or _default_rule(defaults.get(key))
         if not rule.ok(value):
             _refuse(key, value, rule.expected)
 
 
+def _refuse_sub_key(key: str, parent: str) -> None:
+    rule = RULES.get(parent) or (trainer_arguments().get(parent.removeprefix("trainer.")) if
+                                 parent.startswith("trainer.") else None)
+    what = f" ({rule.expected})" if rule is not None and rule is not ANY else ""
+    raise ConfigError(f"{key}: {parent} is a plain value{what} and has no sub-keys; expected {parent}=<value>")
+
+
+def _check_sections(cfg: DictConfig, defaults: Mapping[str, Any]) -> None:
+    """Refuse a section of default.yaml replaced by a plain value (`trainer=null`, `model=5`)."""
+    sections = sorted({".".join(key.split(".")[:i]) for key in defaults for i in range(1, key.count(".") + 1)},
+                      key=lambda name: (name.count("."), name))
+    for section in sections:
+        try:
+            value = OmegaConf.select(cfg, section, throw_on_missing=False)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{section}: cannot resolve its value ({str(err).splitlines()[0]})") from None
+        if not isinstance(value, DictConfig):
+            keys = [k for k in defaults if k.startswith(f"{section}.")]
+            raise ConfigError(f"{section}={_shown(_plain(value))}: {section} is a section; expected its keys, e.g. "
+                              f"{keys[0]}=<value> (keys: {', '.join(k.removeprefix(section + '.') for k in keys)})")
+
+
 def _check_catalog(catalog: Any) -> None:
+    if not isinstance(catalog, dict):
+        _refuse("data.eval", catalog, "the catalog of eval sets, e.g. data.eval.mine.source=file")
     for name, entry in catalog.items():
         if not isinstance(entry, dict):
             _refuse(f"data.eval.{name}", entry, f"a mapping with source ({', '.join(SOURCES)}) and its fields")

@@ -42,8 +42,9 @@ require("omegaconf", "transformers", "lightning")
 
 from omegaconf import DictConfig
 
-from ce_dynamics.files import RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results
 from ce_dynamics.bootstrap import interval_keys
+from ce_dynamics.files import (RESULT_FIELDS, append_result_row, append_result_rows, done_keys, read_results,
+                               remove_stale_temporaries)
 from ce_dynamics.functional import KEYS
 
 __all__ = ["RESULT_FIELDS", "append_result_row", "append_result_rows", "read_results", "run_replay"]
@@ -64,6 +65,22 @@ class Checkpoint:
     revision: str  # "stepN", or "main" (a model's final weights; no step known)
     step: int | None
     path: Path | None = None
+
+    @property
+    def named(self) -> bool:
+        """A revision that is not a `stepN` branch (`main`): recorded apart from the model's training steps."""
+        return self.step is None
+
+    @property
+    def folder(self) -> str:
+        """The folder of output_dir holding this checkpoint's W&B run, CSV log and arrays: the model's, or for a
+        named revision its own, `<model slug>@<revision>`."""
+        return model_slug(self.model) + (f"@{re.sub(r'[^A-Za-z0-9._-]+', '-', self.revision)}" if self.named else "")
+
+    @property
+    def run_name(self) -> str:
+        """The W&B run name of :attr:`folder`."""
+        return f"replay {self.model}" + (f"@{self.revision}" if self.named else "")
 
 
 def _hub_revisions(revisions: Iterable[Any]) -> list[tuple[str, int]]:
@@ -203,17 +220,17 @@ class Failure:
 class _ModelWalk:
     """The loggers, callback and eval data shared by the revisions of one model (one W&B run)."""
 
-    def __init__(self, cfg: DictConfig, model: str) -> None:
+    def __init__(self, cfg: DictConfig, ckpt: Checkpoint) -> None:
         from ce_dynamics.runs.training import build_loggers
 
         self.cfg = copy.deepcopy(cfg)
-        self.cfg.output_dir = str(Path(cfg.output_dir) / model_slug(model))
+        self.cfg.output_dir = str(Path(cfg.output_dir) / ckpt.folder)
         precision = _PRECISION[cfg.replay.dtype]
         if str(self.cfg.trainer.precision) != precision:
             log.info("replay: trainer.precision %s -> %s (replay.dtype=%s)", self.cfg.trainer.precision, precision,
                      cfg.replay.dtype)
             self.cfg.trainer.precision = precision
-        self.loggers = build_loggers(self.cfg, run_name=f"replay {model}")
+        self.loggers = build_loggers(self.cfg, run_name=ckpt.run_name)
         self._datamodule: tuple[str, Any] | None = None
 
     def datamodule(self, tokenizer: Any, names: list[str]) -> Any:
@@ -229,20 +246,28 @@ class _ModelWalk:
 
     def evaluate(self, ckpt: Checkpoint, module: Any, tokenizer: Any, names: list[str],
                  commit: str | None = None) -> list[dict[str, Any]]:
-        """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere)."""
+        """`trainer.validate` at step `ckpt.step`; the result rows (on global rank zero; [] elsewhere).
+
+        A named revision (`main`) is logged at the step of the `stepN` branch with the same commit, else at 0,
+        in its own folder (:attr:`Checkpoint.folder`); its rows carry that step, or None when there is none."""
         from ce_dynamics.lightning.callback import CEDecompositionCallback
         from ce_dynamics.bpb import BPB_KEYS
         from ce_dynamics.analysis.scaling import family_of, non_embedding_params
         from ce_dynamics.runs.training import build_trainer
 
+        step = ckpt.step
+        if ckpt.named and ckpt.path is None:
+            from ce_dynamics.runs.revisions import resolved_commit, step_of_commit
+
+            step = step_of_commit(ckpt.model, commit or resolved_commit(ckpt.model, ckpt.revision))
         callback = CEDecompositionCallback(output_dir=self.cfg.output_dir, dataset_names=names, nan_strategy="error",
                                            bootstrap=self.cfg.eval.bootstrap)
-        callback.step = ckpt.step or 0  # "main" (no known step) is logged at step 0
+        callback.step = step or 0
         from ce_dynamics.runs.weights import trainer_overrides
 
         trainer = build_trainer(self.cfg, [callback], self.loggers, **trainer_overrides(module))
         # Lightning logs the module's own metrics (val/loss/...) at this counter: the checkpoint's step too.
-        trainer.fit_loop.epoch_loop._batches_that_stepped = ckpt.step or 0
+        trainer.fit_loop.epoch_loop._batches_that_stepped = step or 0
         trainer.validate(module, datamodule=self.datamodule(tokenizer, names), verbose=False)
         if not trainer.is_global_zero:
             return []
@@ -250,7 +275,7 @@ class _ModelWalk:
         data = self.datamodule(tokenizer, names)
         return [
             {"model": ckpt.model, "family": family_of(ckpt.model), "revision": ckpt.revision, "commit": commit,
-             "step": ckpt.step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
+             "step": step, "dataset": name, "num_tokens": int(callback.last_results[name]["num_tokens"]),
              "non_embedding_params": params, **{key: float(callback.last_results[name][key]) for key in KEYS},
              **{key: v for key, v in callback.last_results[name].items() if key in BPB_KEYS},
              **{key: v for key, v in callback.last_results[name].items() if key in (*interval_keys(), "replicates")},
@@ -351,6 +376,9 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
     if cfg.replay.shard is not None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # started, even with an empty slice
     out = Path(cfg.output_dir)
+    if rank_zero_only.rank == 0:
+        for path in remove_stale_temporaries(out):  # an atomic write a kill interrupted
+            log.warning("removed %s, the temporary file of an interrupted write", path)
     results_path = out / "results.jsonl"
     done = done_keys(results_path)
     eval_sets = list(cfg.data.eval_sets)
@@ -367,7 +395,7 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             if not names:
                 skipped += 1
                 continue
-            for other in [m for m in walks if m != ckpt.model]:  # one model's W&B run at a time
+            for other in [f for f in walks if f != ckpt.folder]:  # one W&B run at a time
                 walks.pop(other).close()
             try:
                 tokenizer, module = _load(cfg, ckpt)
@@ -377,7 +405,7 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
             commit = None
             try:
                 commit = _check_integrity(ckpt, module, digests) if zero else None
-                walk = walks.get(ckpt.model) or walks.setdefault(ckpt.model, _ModelWalk(cfg, ckpt.model))
+                walk = walks.get(ckpt.folder) or walks.setdefault(ckpt.folder, _ModelWalk(cfg, ckpt))
                 rows = walk.evaluate(ckpt, module, tokenizer, names, commit=commit)
                 if rows:
                     append_result_rows(results_path, rows)
@@ -398,9 +426,9 @@ def run_replay(cfg: DictConfig, command_line: Iterable[str] | None = None) -> in
         for walk in walks.values():
             walk.close()
     if zero:  # a model whose every revision was already done may still lack rows in W&B or the CSV
-        for model in dict.fromkeys(c.model for c in checkpoints):
-            if model not in walks and _sinks_lacking(cfg, model, eval_sets):
-                walk = _ModelWalk(cfg, model)
+        for ckpt in {c.folder: c for c in checkpoints}.values():
+            if ckpt.folder not in walks and _sinks_lacking(cfg, ckpt, eval_sets):
+                walk = _ModelWalk(cfg, ckpt)
                 try:
                     walk.backfill(eval_sets)
                 finally:
@@ -431,14 +459,15 @@ def _merge(cfg: DictConfig) -> int:
     return 0
 
 
-def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
-    """Whether a saved step of `model` is missing from its CSV log or W&B run (read from disk, no W&B start)."""
+def _sinks_lacking(cfg: DictConfig, ckpt: Checkpoint, names: list[str]) -> bool:
+    """Whether a saved step in `ckpt`'s folder is missing from its CSV log or W&B run (read from disk, no W&B
+    start)."""
     from ce_dynamics.lightning import sinks
     from ce_dynamics.lightning.csv_logger import DurableCSVLogger
     from ce_dynamics.runs.training import _wandb_run_id
-    from ce_dynamics.lightning.wandb_history import logged_steps, run_files
+    from ce_dynamics.wandb_history import logged_steps, run_files
 
-    root = Path(cfg.output_dir) / model_slug(model)
+    root = Path(cfg.output_dir) / ckpt.folder
     saved = set(sinks.saved_steps(root, names))
     if not saved:
         return False
@@ -446,7 +475,7 @@ def _sinks_lacking(cfg: DictConfig, model: str, names: list[str]) -> bool:
         return True
     if cfg.logger.wandb.mode == "disabled":
         return False
-    run_id = _wandb_run_id(root, f"replay {model}")
+    run_id = _wandb_run_id(root, ckpt.run_name)
     return not saved <= logged_steps(run_files(root / "wandb", run_id), sinks.ROW_PREFIX)
 
 

@@ -56,6 +56,28 @@ def resolved_commit(hub_id: str, revision: str) -> str | None:
     return None
 
 
+def step_of_commit(hub_id: str, commit: str | None) -> int | None:
+    """The training step N whose `stepN` branch points at `commit` (the smallest, if several), or None: listed by
+    the hub, or offline (or when the hub cannot be asked) from the refs the local cache holds."""
+    import huggingface_hub.constants as hf
+
+    if commit is None:
+        return None
+    targets: dict[str, str] = {}
+    if not hf.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            targets = {b.name: b.target_commit for b in HfApi().list_repo_refs(hub_id).branches}
+        except Exception:  # noqa: BLE001 - no network or no such repo: fall back to the cache's refs
+            targets = {}
+    refs = repo_cache_dir(hub_id) / "refs"
+    if not targets and refs.is_dir():
+        targets = {p.name: p.read_text().strip() for p in refs.iterdir() if p.is_file()}
+    steps = [int(m.group(1)) for name, target in targets.items() if target == commit and (m := _STEP.fullmatch(name))]
+    return min(steps) if steps else None
+
+
 def weights_digest(model: Any) -> str:
     """sha256 over the names and bytes of every parameter and buffer of a torch module: equal digests mean
     identical weights, whatever files or commits they came from."""

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ce_dynamics.bootstrap import summary_of_state
-from ce_dynamics.files import load_state, state_files
+from ce_dynamics.files import ResultsError, load_state, state_files
 from ce_dynamics.functional import decomposition_from_state
 from ce_dynamics.runs.commands import rerun, shown_path, tool
 
@@ -38,22 +38,24 @@ def last_arrays(arrays_dir: Path) -> dict[str, tuple[int, Path]]:
 
 def decomposition_rows(output_dir: Path) -> list[dict[str, Any]]:
     """The last decomposition per eval set: from `results.jsonl` (replay, sweep: the highest step per model
-    and dataset) if there is one, else from the last npz arrays of a training run."""
+    and dataset, and each named revision such as `main` on its own) if there is one, else from the last npz
+    arrays of a training run."""
     from ce_dynamics.files import read_results
 
     results = output_dir / "results.jsonl"
     if results.is_file():
-        last: dict[tuple[str, str], dict[str, Any]] = {}
+        last: dict[tuple[str, str, str], dict[str, Any]] = {}
         for row in read_results(results):
-            key = (str(row["model"]), str(row["dataset"]))
-            if key not in last or int(row["step"]) >= int(last[key]["step"]):
+            named = not str(row["revision"]).startswith("step")  # `main`: a point of its own, step known or not
+            key = (str(row["model"]), str(row["dataset"]), str(row["revision"]) if named else "")
+            if key not in last or named or int(row["step"]) >= int(last[key]["step"]):
                 last[key] = row
         return [{**row, "name": f"{row['model']} {row['revision']} {row['dataset']}"} for row in last.values()]
     rows = []
     for name, (step, path) in last_arrays(output_dir / "arrays").items():
-        state = load_state(path)
-        out = decomposition_from_state(state["rank_counts"], state["rank_log_score_sum"])
-        out.update(summary_of_state(state))  # the intervals, when the run kept the bootstrap's state
+        data = load_state(path)  # DamagedFileError names a file that cannot be read
+        out = decomposition_from_state(data["rank_counts"], data["rank_log_score_sum"])
+        out.update(summary_of_state(data))  # the intervals, when the run kept the bootstrap's state
         rows.append({"name": f"{name} step {step}", **{k: float(out[k]) for k, _ in _COLUMNS[:-1]},
                      **{f"{k}_se": float(out[f"{k}_se"]) for k, _ in _COLUMNS[:-1] if f"{k}_se" in out},
                      "num_tokens": int(out["num_tokens"])})
@@ -148,10 +150,14 @@ def summary_text(mode: str, output_dir: str | Path, argv: Sequence[str] = (), ex
     out = Path(output_dir)
     status = "finished" if exit_code == 0 else f"ended with exit code {exit_code}"
     lines = [f"== ce-dynamics {mode} {status}: {out}"]
-    rows = decomposition_rows(out) if out.is_dir() else []
+    try:
+        rows = decomposition_rows(out) if out.is_dir() else []
+    except ResultsError as err:  # a damaged results or state file: say which, and go on with the rest
+        rows = []
+        lines += ["", f"cannot show the last decomposition: {err}"]
     if rows:
         lines += ["", "last decomposition (nats/token; CE = EE + SA - Conf):", format_table(rows)]
-    else:
+    elif not lines[-1].startswith("cannot show"):
         lines += ["", "no decomposition was written (no arrays, no results.jsonl)"]
     where = locations(out) if out.is_dir() else {}
     if where:

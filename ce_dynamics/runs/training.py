@@ -18,13 +18,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ce_dynamics.lightning import sinks
 from ce_dynamics.lightning.callback import CEDecompositionCallback
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.runs.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
-from ce_dynamics.files import atomic_open
+from ce_dynamics.files import atomic_open, remove_stale_temporaries
 from ce_dynamics.runs.module import CausalLMModule
 from ce_dynamics.lightning.progress import console_callbacks
 
@@ -54,24 +55,28 @@ def build_tokenizer(cfg: DictConfig, hub_id: str | None = None, revision: str | 
     if hub_id or cfg.model.hub_id:
         return AutoTokenizer.from_pretrained(hub_id or cfg.model.hub_id,
                                              revision=revision if hub_id else cfg.model.revision)
-    spec = _plain(cfg.data.train)
+    spec = train_spec(cfg)
     chars = cfg.data.tokenizer_train_chars
-    key = f"{corpus_id({k: v for k, v in spec.items() if k != 'max_chars'}, 'train')}|chars={chars}"
+    key = f"{corpus_id(spec, 'train')}|chars={chars}"
     return train_bpe_tokenizer(take_chars(documents(spec, "train"), chars), cfg.model.vocab_size,
                                cfg.data.cache_dir, key)
 
 
+def train_spec(cfg: DictConfig) -> dict[str, Any]:
+    """`data.train` as a source spec for `ce_dynamics.runs.data.documents`: its set fields, `max_chars` aside."""
+    return {k: v for k, v in _plain(cfg.data.train).items() if k != "max_chars" and v is not None}
+
+
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> CEDataModule:
     """The datamodule: `data.eval_sets` (looked up in the `data.eval` catalog) as validation dataloaders."""
-    train = _plain(cfg.data.train)
     return CEDataModule(
         tokenizer,
         eval_specs={name: _plain(cfg.data.eval[name]) for name in cfg.data.eval_sets},
         seq_len=cfg.data.seq_len,
         eval_sequences=cfg.data.eval_sequences,
         batch_size=cfg.data.batch_size,
-        train_spec={k: v for k, v in train.items() if k != "max_chars"},
-        train_max_chars=train.get("max_chars"),
+        train_spec=train_spec(cfg),
+        train_max_chars=cfg.data.train.max_chars,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         cache_dir=cfg.data.cache_dir,
@@ -169,6 +174,9 @@ def run_training(cfg: DictConfig) -> int:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
+    if rank_zero_only.rank == 0:  # (DDP children start while rank zero writes)
+        for path in remove_stale_temporaries(out):  # an atomic write a kill interrupted (e.g. .last.ckpt.*.tmp)
+            log.warning("removed %s, the temporary file of an interrupted write", path)
     tokenizer = build_tokenizer(cfg)
     datamodule = build_datamodule(cfg, tokenizer)
     module = build_module(cfg)
