@@ -328,7 +328,8 @@ def _plain(value: Any) -> Any:
 
 
 def flat_items(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
-    """`(dotted key, plain value)` of every leaf, resolved; the data.eval catalog is one leaf (a dict)."""
+    """`(dotted key, plain value)` of every leaf, resolved; the data.eval catalog and keys whose rule takes a
+    mapping (`replay.max_memory`) are one leaf each (a dict)."""
     out = []
     for key in cfg:
         name = f"{prefix}{key}"
@@ -336,7 +337,7 @@ def flat_items(cfg: DictConfig, prefix: str = "") -> list[tuple[str, Any]]:
             value = cfg[key]
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: cannot resolve its value ({str(err).splitlines()[0]})") from None
-        if isinstance(value, DictConfig) and name != "data.eval":
+        if isinstance(value, DictConfig) and name != "data.eval" and not (name in RULES and RULES[name].ok({})):
             out.extend(flat_items(value, f"{name}."))
         else:
             out.append((name, _plain(value)))
