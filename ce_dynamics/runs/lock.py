@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import IO
 from ce_dynamics.runs.config_schema import ConfigError
 
 LOCK_NAME = ".run.lock"
+_HOLDER_WAIT_S = 5.0  # how long a refused start waits for a new holder to write its pid
 
 
 class RunLock:
@@ -27,6 +29,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_NAME
         self._handle: IO[str] | None = None
+        self._marked = False
 
     def acquire(self) -> bool:
         """Take the lock; False when the directory cannot be created or written (the config check says why)."""
@@ -35,14 +38,20 @@ class RunLock:
             handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's lifetime
         except OSError:
             return False
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise ConfigError(f"output_dir {self.output_dir} is in use by another run (pid {holder}, holding "
-                              f"{self.path}); wait for it to end, or give this run another output_dir=") from None
+        deadline = time.monotonic() + _HOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                if holder or time.monotonic() > deadline:  # a holder that just started writes its pid soon
+                    handle.close()
+                    raise ConfigError(f"output_dir {self.output_dir} is in use by another run (pid "
+                                      f"{holder or 'unknown'}, holding {self.path}); wait for it to end, or give "
+                                      f"this run another output_dir=") from None
+                time.sleep(0.05)
         self._handle = handle
         return True
 
@@ -53,9 +62,12 @@ class RunLock:
             self._handle.truncate()
             self._handle.write(f"{os.getpid()}\n")
             self._handle.flush()
+            self._marked = True
 
     def release(self) -> None:
         if self._handle is not None:
+            if self._marked:  # an ended run leaves no pid behind (a killed one does; the lock itself is free)
+                self._handle.truncate(0)
             self._handle.close()  # closing the last descriptor drops the flock
             self._handle = None
 
