@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,11 @@ def _save(root: Path, step: int) -> None:
 
 
 def _wandb_logger(root: Path):
+    """A new process's logger on the one W&B run of `root` (its segments must start in different seconds: W&B names
+    a segment's folder by the second it started, and a second segment in the same second replaces the first)."""
     from lightning.pytorch.loggers import WandbLogger
 
+    time.sleep(1.1)
     return WandbLogger(project="t", save_dir=str(root), id="backfill1", resume="allow", mode="offline")
 
 
