@@ -421,6 +421,7 @@ def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path
     ref = decompose(logits_all[keep].numpy(), target_all[keep].numpy())
     for rank in ranks:
         assert np.array_equal(rank["synced"]["rank_counts"].numpy(), ref["rank_counts"])
-        np.testing.assert_allclose(rank["synced"]["rank_log_score_sum"].numpy(), ref["rank_log_score_sum"], rtol=1e-6)  # float32 logits
+        np.testing.assert_allclose(rank["synced"]["rank_log_score_sum"].numpy(), ref["rank_log_score_sum"],
+                                   rtol=1e-6)  # float32 logits
         assert int(rank["synced"]["nonfinite_tokens"]) == 3 and int(rank["synced"]["out_of_range_targets"]) == 3
         assert "was given 3 other target(s)" in rank["error"]

@@ -33,8 +33,8 @@ def _batch(step: int, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _save(root: Path, step: int) -> None:
     for name in NAMES:
         ref = decompose(*_batch(step, name))
-        save_state(root, name, step, {"rank_counts": ref["rank_counts"], "rank_log_score_sum": ref["rank_log_score_sum"],
-                                      "nonfinite_tokens": np.int64(0)})
+        save_state(root, name, step, {"rank_counts": ref["rank_counts"],
+                                      "rank_log_score_sum": ref["rank_log_score_sum"], "nonfinite_tokens": np.int64(0)})
 
 
 def _wandb_logger(root: Path):

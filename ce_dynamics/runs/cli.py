@@ -50,9 +50,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     from ce_dynamics._extras import require
 
     require("omegaconf")
-    from ce_dynamics.runs.config import ConfigError, load_config, preflight
-
-    from ce_dynamics.runs.config import first_process
+    from ce_dynamics.runs.config import ConfigError, first_process, load_config, preflight
     from ce_dynamics.runs.lock import run_lock
 
     argv = list(argv)

@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ce_dynamics.runs.config_schema import ConfigError, check_types, flat_items
 
-__all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "first_process", "load_config", "preflight"]
+__all__ = ["CONFIG_DIR", "RUN_ENTRIES", "ConfigError", "available_experiments", "first_process", "load_config",
+           "preflight"]
 
 
 def _config_dir() -> Path:
