@@ -3,6 +3,7 @@
 A W&B run writes every record to ``<wandb dir>/<run folder>/run-<id>.wandb``: a 7-byte header (``:W&B``, magic,
 version) followed by LevelDB-log-format blocks of protobuf ``Record`` messages, each chunk guarded by a CRC-32.
 A process killed mid-write leaves a torn tail, which the CRC or the length rejects; everything before it is durable.
+A damaged record inside the file costs its block, not the records after it.
 A resumed run writes a new folder with the same id, so a run's history is the union of its folders.
 """
 
@@ -24,10 +25,15 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def _records(data: bytes) -> Iterator[bytes]:
-    """The payloads of the complete, CRC-checked records of a transaction log; stops at a torn tail."""
+    """The payloads of the complete, CRC-checked records of a transaction log.
+
+    A chunk that fails its CRC or has an unknown type (a damaged record) is skipped with the rest of its block, and
+    reading goes on at the next block, as LevelDB's own reader does: the records after it are still durable. A torn
+    tail (a chunk header or payload running past the end of the file) ends the log.
+    """
     if not data.startswith(_HEADER):
         return
-    pos, pending = _HEADER_LEN, b""
+    pos, pending = _HEADER_LEN, None  # pending: the fragments of a record split over chunks, None outside one
     while True:
         left = _BLOCK - pos % _BLOCK
         if left < _CHUNK_HEADER:  # block trailer: zero padding
@@ -43,19 +49,20 @@ def _records(data: bytes) -> Iterator[bytes]:
         if kind == 0 and length == 0 and crc == 0:  # zero padding to the block's end
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
             continue
-        if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != crc:
-            return
+        if (pos - 1) // _BLOCK != (start - _CHUNK_HEADER) // _BLOCK or kind not in (_FULL, _FIRST, _MIDDLE, _LAST) \
+                or zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != crc:
+            pos, pending = start - _CHUNK_HEADER + left, None  # damaged: on to the next block
+            continue
         if kind == _FULL:
+            pending = None
             yield payload
         elif kind == _FIRST:
             pending = payload
-        elif kind == _MIDDLE:
+        elif pending is not None:  # a MIDDLE or LAST whose FIRST was read
             pending += payload
-        elif kind == _LAST:
-            yield pending + payload
-            pending = b""
-        else:
-            return
+            if kind == _LAST:
+                yield pending
+                pending = None
 
 
 def history_rows(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -193,6 +193,38 @@ def test_step_override_names_fallback_and_each_step_logged_once_per_logger(tmp_p
     assert again.last_results["val_0"] == callback.last_results["val_0"]
 
 
+def test_two_validations_at_one_step_the_first_wins_in_every_sink(tmp_path):
+    """Manual `trainer.validate` calls at one global_step with different weights: W&B, the CSV and the npz all keep
+    the first validation's numbers, once; `last_results` reports what is recorded."""
+    import wandb
+
+    from ce_dynamics.lightning.csv_logger import DurableCSVLogger, read_metrics_csv
+
+    torch.manual_seed(0)
+    model = BigramLM()
+    first = _numpy_expected(model, "alpha")
+    callback = CEDecompositionCallback(output_dir=tmp_path, dataset_names=NAMES)
+    loggers = [WandbLogger(project="test", save_dir=str(tmp_path), mode="offline"), DurableCSVLogger(tmp_path)]
+    try:
+        trainer = _trainer(tmp_path, callback, loggers)
+        trainer.validate(model, _val_loaders(), verbose=False)
+        with torch.no_grad():
+            model.table.weight.mul_(3.0)  # the second validation at step 0 sees other logits
+        assert _numpy_expected(model, "alpha")["cross_entropy"] != pytest.approx(first["cross_entropy"])
+        trainer.validate(model, _val_loaders(), verbose=False)
+    finally:
+        wandb.finish()
+    assert callback.last_results["alpha"]["cross_entropy"] == pytest.approx(first["cross_entropy"], rel=1e-6)
+    rows = _decomp_rows(wandb_history(next((tmp_path / "wandb").glob("offline-run-*"))))
+    assert list(rows) == [0] and rows[0]["decomp/alpha/cross_entropy"] == pytest.approx(first["cross_entropy"],
+                                                                                         rel=1e-6)
+    _, csv_rows = read_metrics_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
+    values = [float(r["decomp/alpha/cross_entropy"]) for r in csv_rows if r.get("decomp/alpha/cross_entropy")]
+    assert values == [pytest.approx(first["cross_entropy"], rel=1e-6)]
+    state = np.load(tmp_path / "arrays" / "alpha" / "step_0.npz")
+    assert np.array_equal(state["rank_counts"], first["rank_counts"])
+
+
 def test_bad_validation_outputs_raise_a_clear_error(tmp_path):
     class NoLogits(BigramLM):
         def validation_step(self, batch, batch_idx, dataloader_idx=0):

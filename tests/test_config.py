@@ -220,3 +220,22 @@ def test_train_py_on_the_command_line_prints_one_line_and_exits_2(tmp_path):
     assert proc.stderr == ("train.py: config error: trainer.max_steps='abc': expected an integer >= -1 "
                            "(-1: no limit)\n")
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("interval", ["2", "10", "0.5", "'00:00:01:00'"])
+def test_validations_inside_a_gradient_accumulation_are_refused_naming_both_keys(interval, capsys):
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).resolve().parent.parent / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    argv = ["trainer.accumulate_grad_batches=4", f"trainer.val_check_interval={interval}"]
+    assert train_script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trainer.val_check_interval=" in err
+    assert "trainer.accumulate_grad_batches=4" in err and "expected a multiple of 4 batches" in err
+
+
+@pytest.mark.parametrize("interval", [4, 8, 1.0, None])
+def test_validations_on_whole_optimizer_steps_are_accepted(interval):
+    value = "null" if interval is None else interval
+    cfg = load_config(["trainer.accumulate_grad_batches=4", f"trainer.val_check_interval={value}"])
+    assert cfg.trainer.val_check_interval == interval

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from ce_dynamics import CrossEntropyDecomposition
 from ce_dynamics.functional import KEYS, cross_entropy_decomposition
+from ce_dynamics.metric import _STATES
+from numpy_reference import decompose
 
 VOCAB = 23
 
@@ -369,10 +371,28 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list, out_path: str) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = metric.compute()
-        if rank == 0:
-            torch.save({k: v for k, v in result.items()}, out_path)
+        # Deferred checks (validate_args=False): every state, the error counts included, synced before they judge.
+        deferred = CrossEntropyDecomposition(VOCAB, validate_args=False, nan_strategy="ignore")
+        for logits, target in shards[rank]:
+            deferred.update(logits, _out_of_range(target, rank + 1))
+        with deferred.sync_context():
+            synced = {name: getattr(deferred, name).clone() for name in _STATES}
+            try:
+                deferred.raise_deferred_errors()
+                error = ""
+            except ValueError as err:
+                error = str(err)
+        torch.save({"result": dict(result) if rank == 0 else None, "synced": synced, "error": error},
+                   out_path.replace(".pt", f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _out_of_range(target: torch.Tensor, count: int) -> torch.Tensor:
+    """`target` with its first `count` scored positions set past the vocabulary."""
+    bad = target.clone()
+    bad[torch.nonzero(bad != -100).flatten()[:count]] = VOCAB + 5
+    return bad
 
 
 @pytest.mark.slow
@@ -384,7 +404,8 @@ def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path
     shards = [[(logits[:50], target[:50])], [(logits[50:], target[50:])]]
     out = tmp_path / "ddp.pt"
     mp.start_processes(_ddp_worker, args=(2, _free_port(), shards, str(out)), nprocs=2, join=True, start_method="spawn")
-    ddp = torch.load(out)
+    ranks = [torch.load(tmp_path / f"ddp{rank}.pt") for rank in range(2)]
+    ddp = ranks[0]["result"]
     single = CrossEntropyDecomposition(VOCAB, nan_strategy="ignore")
     for shard in shards:
         for batch in shard:
@@ -393,3 +414,15 @@ def test_ddp_two_gloo_processes_with_uneven_shards_equal_single_process(tmp_path
     for key in (*KEYS, "num_tokens", "nonfinite_tokens", "p_e", "q_e"):
         assert torch.equal(ddp[key], expected[key]), key
     assert int(ddp["nonfinite_tokens"]) == 3
+    # The deferred-error metric: each rank's state is the sum over ranks of what each rank alone accumulated
+    # (numpy's counts for the finite, in-range tokens), the error counts included; both ranks raise on the total.
+    logits_all, target_all = torch.cat([logits[:50], logits[50:]]), torch.cat(
+        [_out_of_range(target[:50], 1), _out_of_range(target[50:], 2)])
+    keep = (target_all >= 0) & (target_all < VOCAB) & torch.isfinite(logits_all).all(-1)
+    ref = decompose(logits_all[keep].numpy(), target_all[keep].numpy())
+    for rank in ranks:
+        assert np.array_equal(rank["synced"]["rank_counts"].numpy(), ref["rank_counts"])
+        np.testing.assert_allclose(rank["synced"]["rank_log_score_sum"].numpy(), ref["rank_log_score_sum"],
+                                   rtol=1e-6)  # float32 logits
+        assert int(rank["synced"]["nonfinite_tokens"]) == 3 and int(rank["synced"]["out_of_range_targets"]) == 3
+        assert "was given 3 other target(s)" in rank["error"]

@@ -137,3 +137,31 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[60] == pytest.approx(0.55) and values[110] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_training_order_is_one_seeded_permutation_dealt_to_the_ranks_and_resumes_part_way(world):
+    n, seed, consumed = 23, 5, 0
+    for epoch in (0, 1):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+        usable = order[: n - n % world]  # every rank the same number of samples
+        samplers = [data.ResumableRandomSampler(n, seed, skip=lambda: consumed, num_replicas=world, rank=r)
+                    for r in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        assert [list(s) for s in samplers] == [usable[r::world] for r in range(world)]
+        assert all(len(s) == n // world for s in samplers)
+        consumed = 2 * world  # two batches of 1 on every rank are done: each rank goes on where it stood
+        assert [list(s) for s in samplers] == [usable[2 * world + r::world] for r in range(world)]
+        consumed = 0
+
+
+def test_a_resume_on_another_world_size_is_refused(tokenizer, tmp_path):
+    dm = data.CEDataModule(tokenizer, {"prose": {"source": "pydoc_topics"}}, seq_len=16, eval_sequences=2,
+                           batch_size=2, train_spec={"source": "pydoc_topics"}, train_max_chars=20000)
+    dm.setup("fit")
+    dm.load_state_dict({"world_size": 2})  # the checkpoint of a 2-process run; here no trainer: 1 process
+    with pytest.raises(ValueError, match="started on 2 processes .* resumed on 1: resume it with the world size"):
+        dm.train_dataloader()
+    dm.load_state_dict({})  # a checkpoint without the field (an earlier version) resumes as before
+    assert len(dm.train_dataloader().sampler) == len(dm.train_set)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ce_dynamics.runs.config import RUN_ENTRIES, ConfigError, load_config, preflight
+from ce_dynamics.runs.lock import LOCK_NAME
 from test_train_e2e import small
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_overwrite_true_deletes_the_old_run_and_nothing_else(old_run, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(old_run["out"], out)
     preflight(load_config([f"output_dir={out}", "overwrite=true"]))
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "notes.txt"]  # the lock stays: a run may hold it
     assert (out / "notes.txt").read_text() == "mine"
     preflight(load_config([f"output_dir={out}"]))  # now a fresh run may start
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ce_dynamics import CEDecompositionCallback
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger, read_metrics_csv
 from test_callback import NAMES, VAL, V, BigramLM, _tokens, _val_loaders
-from test_crash_resume import config, finish, launch
+from crash_helpers import config, finish, launch
 from test_notebooks import _tiny_overrides
 
 

@@ -38,6 +38,7 @@ def _full_case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     logits[0] = logits[0].round()
     target = torch.randint(0, VOCAB, (2, 6), generator=gen)
     target[0, 0], target[0, 1], target[1, 0] = 3, VOCAB - 1, 51  # first, last and first-of-shard-1 columns
+    target[0, 2], target[0, 3], target[1, 1], target[1, 2] = 0, 50, 50, 0  # the shard boundaries, tied and not
     target[1, ::4] = IGNORE
     return logits.to(dtype), target
 

@@ -29,7 +29,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_dynamics.lightning import sinks
-from ce_dynamics.files import save_state
+from ce_dynamics.files import load_state, save_state, state_path
 from ce_dynamics._rows import in_callers_inference_mode
 from ce_dynamics.bootstrap import DEFAULT_REPLICATES as DEFAULT_BOOTSTRAP, replicates_field
 from ce_dynamics.functional import KEYS
@@ -275,6 +275,13 @@ class CEDecompositionCallback(Callback):
         eval_bytes = getattr(trainer.datamodule, "eval_bytes", None) or {}  # UTF-8 bytes of each set's targets
         by_name = {names[idx]: {**state, **({"num_bytes": eval_bytes[names[idx]]} if eval_bytes.get(names[idx])
                                             else {})} for idx, state in states.items()}
+        step = self._step(trainer)
+        root = self._root(trainer)
+        first = not (self.save_arrays and trainer.is_global_zero and sinks.recorded(root, by_name, step))
+        if not first:  # the first validation at a step wins in every sink: its saved state stands
+            rank_zero_info(f"CEDecompositionCallback: step {step} is already recorded in {root / 'arrays'}; this "
+                           "validation is not recorded again (the first validation at a step wins in every sink)")
+            by_name = {name: load_state(state_path(root, name, step)) for name in by_name}
         results = {name: sinks.results_of(state) for name, state in by_name.items()}
         self.last_results = {
             name: {**{key: float(out[key]) for key in KEYS}, "num_tokens": int(out["num_tokens"]),
@@ -283,13 +290,11 @@ class CEDecompositionCallback(Callback):
             for name, out in results.items()
         }
         nonfinite = {name: n["nonfinite_tokens"] for name, n in self.last_results.items() if n["nonfinite_tokens"]}
-        step = self._step(trainer)
-        if nonfinite:
+        if nonfinite and first:
             rank_zero_warn(f"CEDecompositionCallback: non-finite logits (NaN/+inf) at step {step}: {nonfinite} "
                            "tokens left out of the decomposition (logged as decomp/<set>/nonfinite_tokens)")
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not first:
             return
-        root = self._root(trainer)
         if self.save_arrays:
             for name, state in by_name.items():
                 save_state(root, name, step, state)

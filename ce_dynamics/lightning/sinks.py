@@ -40,6 +40,12 @@ _LEDGERS: weakref.WeakKeyDictionary[Logger, set[int]] = weakref.WeakKeyDictionar
 # (the files themselves: ce_dynamics.files.state_path / save_state / load_state / saved_steps)
 
 
+def recorded(root: Path, names: Iterable[str], step: int) -> bool:
+    """Whether every one of ``names`` has its state of ``step`` saved under ``root/arrays``: a validation at that
+    step is recorded, and a later one at the same step is not (the first validation at a step wins in every sink)."""
+    return all(state_path(root, name, step).exists() for name in names)
+
+
 def results_of(state: Mapping[str, Any]) -> dict[str, Any]:
     """The decomposition dict of a saved state (plus its ``loss``, when it has one, and the bootstrap's
     intervals, recomputed from the state's per-group arrays, when it has them)."""

@@ -65,16 +65,20 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
         print(_usage([a for a in argv if a not in HELP], keys=True))
         return 0
     require("omegaconf")
-    from ce_dynamics.runs.config import ConfigError, load_config, preflight
+    from ce_dynamics.runs.config import ConfigError, first_process, load_config, preflight
+    from ce_dynamics.runs.lock import run_lock
     from ce_dynamics.runs.quiet import quiet_third_party
 
     quiet_third_party()
     argv = list(argv)
     try:  # a config error (bad key or value, missing ckpt_path, unwritable output_dir, a fresh run into a
-        # directory holding a run) prints one line and returns 2, before torch or lightning is imported
+        # directory holding a run, a run already going on there) prints one line and returns 2, before torch or
+        # lightning is imported
         cfg = load_config(argv)
-        preflight(cfg, argv, prog)
-        code = _dispatch(cfg, argv)
+        with run_lock(cfg.output_dir, first_process() and cfg.mode != "prepare") as lock:
+            preflight(cfg, argv, prog)
+            lock.mark_holder()
+            code = _dispatch(cfg, argv)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2

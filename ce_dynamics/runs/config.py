@@ -21,7 +21,8 @@ from ce_dynamics.runs.commands import rerun
 from ce_dynamics.runs.config_schema import ConfigError, check_types, flat_items
 from ce_dynamics.runs.shards import MERGE, parse_shard, shard_dir
 
-__all__ = ["CONFIG_DIR", "RESUME_VALUES", "RUN_ENTRIES", "ConfigError", "available_experiments", "load_config",
+__all__ = ["CONFIG_DIR", "RESUME_VALUES", "RUN_ENTRIES", "ConfigError", "available_experiments", "first_process",
+           "load_config",
            "preflight"]
 
 
@@ -131,11 +132,30 @@ def _check(cfg: DictConfig) -> None:
     if not m.pretrained and m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} must be a multiple of "
                           f"model.num_attention_heads={m.num_attention_heads}")
+    _check_one_validation_per_step(cfg.trainer)
     if cfg.overwrite and cfg.ckpt_path is not None:
         raise ConfigError(f"overwrite=true starts afresh but ckpt_path={cfg.ckpt_path} resumes: give one of them")
 
 
 RESUME_VALUES = ("last", "last_or_new")
+
+
+def _check_one_validation_per_step(trainer: DictConfig) -> None:
+    """Every validation at its own optimizer step: with gradient accumulation, `val_check_interval` (which counts
+    training batches) must be a whole number of optimizer steps, or two validations could share a `global_step`
+    (which every sink records once) and a checkpoint could be taken half-way through an accumulation."""
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    interval = trainer.get("val_check_interval")
+    if accumulate == 1 or interval is None or (isinstance(interval, float) and interval == 1.0):
+        return  # null / 1.0: at an epoch's end, where Lightning always steps the optimizer
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval % accumulate == 0:
+        return
+    example = max(accumulate, interval // accumulate * accumulate) if isinstance(interval, int) else accumulate
+    raise ConfigError(
+        f"trainer.val_check_interval={interval} with trainer.accumulate_grad_batches={accumulate}: validations would "
+        f"fall inside an accumulation (two can share one global_step, and a checkpoint there loses the accumulated "
+        f"gradients); expected a multiple of {accumulate} batches (e.g. trainer.val_check_interval={example}), 1.0 "
+        f"or null (once per epoch)")
 
 
 def preflight(cfg: DictConfig, argv: list[str] | None = None, prog: str = "train.py") -> None:
@@ -165,7 +185,7 @@ def preflight(cfg: DictConfig, argv: list[str] | None = None, prog: str = "train
             raise ConfigError(f"{key}={path}: no such file; expected a text file or a .jsonl (a document per line)")
     if cfg.mode == "train" and cfg.ckpt_path is not None:
         _check_resumable(cfg, out)
-    if cfg.mode != "train" or not _first_process():
+    if cfg.mode != "train" or not first_process():
         return  # a DDP child re-runs train.py after rank zero began writing: rank zero alone decides
     existing = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
     args = [a for a in (argv or []) if not a.startswith(("ckpt_path=", "overwrite="))]
@@ -214,7 +234,7 @@ def _check_resumable(cfg: DictConfig, out: Path) -> None:
         read_text(csv_log, CSV_REMEDY)
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """False in a process a launcher started as a non-zero rank (Lightning's DDP children, torchrun, SLURM)."""
     return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 

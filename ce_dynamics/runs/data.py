@@ -32,7 +32,7 @@ require("lightning", "tokenizers")
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ce_dynamics.files import atomic_path
 from ce_dynamics.runs.pinning import EVAL_SEED, is_pinned_source, pinned_documents
@@ -227,27 +227,35 @@ class TokenWindows(Dataset):
         return sample
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """A seeded random order per epoch (``seed``, epoch) that can start part-way through an epoch.
+class ResumableRandomSampler(DistributedSampler):
+    """One seeded random order per epoch (``seed``, epoch) over all ranks, that can start part-way through an epoch.
 
-    ``skip()`` is asked at the start of every pass for how many samples of this epoch were already consumed, so a
-    run resumed from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have seen next.
+    The world walks the order together: rank ``r`` of ``num_replicas`` takes positions ``r, r + num_replicas, ...``
+    (as torch's ``DistributedSampler`` does), so one global batch holds ``batch_size x num_replicas`` consecutive
+    samples of the order. ``skip()`` is asked at the start of every pass for how many samples of this epoch the whole
+    world already consumed, so a run resumed from a mid-epoch checkpoint sees on every rank exactly the batches an
+    uninterrupted run would have seen next. A ``DistributedSampler``, so Lightning uses it as it is under DDP (it
+    would otherwise wrap it in a sampler that assumes every pass has the full length); ``set_epoch`` is Lightning's.
+    The tail of an epoch that does not fill every rank equally is dropped.
     """
 
-    def __init__(self, num_samples: int, seed: int, skip: Any = None) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+    def __init__(self, num_samples: int, seed: int, skip: Any = None, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.num_samples_total = num_samples
         self._skip = skip
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        order = torch.randperm(self.num_samples_total,
+                               generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
         start = int(self._skip()) if self._skip is not None else 0
-        return iter(order[start:].tolist())
+        usable = self.num_samples_total - self.num_samples_total % self.num_replicas
+        return iter(order[start + self.rank:usable:self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples_total // self.num_replicas  # a full epoch; a resumed pass stops early
 
 
 class CEDataModule(L.LightningDataModule):
@@ -276,6 +284,7 @@ class CEDataModule(L.LightningDataModule):
         self.train_max_chars, self.num_workers, self.seed = train_max_chars, num_workers, seed
         self.train_set: TokenWindows | None = None
         self.eval_sets: dict[str, TokenWindows] = {}
+        self._world_size: int | None = None  # of the training, once known (kept in checkpoints)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.eval_sets:
@@ -321,17 +330,31 @@ class CEDataModule(L.LightningDataModule):
                 self.eval_bytes[name] = num_bytes
 
     def train_dataloader(self) -> DataLoader:
-        sampler = ResumableRandomSampler(len(self.train_set), self.seed, skip=self._consumed_samples)
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self._world_size is not None and self._world_size != world:
+            raise ValueError(f"this run was started on {self._world_size} processes (devices x num_nodes) and "
+                             f"is resumed on {world}: resume it with the world size it was started with")
+        self._world_size = world
+        sampler = ResumableRandomSampler(len(self.train_set), self.seed, skip=self._consumed_samples,
+                                         num_replicas=world, rank=rank)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers)
 
     def _consumed_samples(self) -> int:
-        """Samples of the current epoch a resumed run already trained on (0 at an epoch's start)."""
+        """Samples of the current epoch the whole world already trained on (0 at an epoch's start)."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return batches * self.batch_size * trainer.world_size  # under DDP ranks take turns in the one order
+        return batches * self.batch_size * trainer.world_size  # each rank's batches come from one order
+
+    def state_dict(self) -> dict[str, Any]:
+        """The world size the run trains on, so a resume on another one is refused instead of reading wrong data."""
+        return {"world_size": self._world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._world_size = state_dict.get("world_size")
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(self.eval_sets[name]) for name in self.eval_names]

@@ -103,7 +103,7 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
         if cfg.trainer.max_steps not in saved_steps(Path(cfg.output_dir), cfg.data.eval_sets):  # not finished
             code = run_training(cfg)
             if code != 0:
-                raise RuntimeError(f"training {member_name(hidden, layers)} failed with exit code {code}")
+                raise MemberStopped(member_name(hidden, layers), code)
         rows = final_rows(cfg, member_name(hidden, layers), count_non_embedding(cfg))
         new = [r for r in rows if (r["model"], r["revision"], r["dataset"]) not in done]
         if new:
@@ -111,10 +111,24 @@ def run_sweep_rows(argv: Sequence[str] = (), sizes: Sequence[Sequence[int]] | No
     return path
 
 
+class MemberStopped(RuntimeError):
+    """A member's training ended with a non-zero exit code (`code`; 128 + signal when it was preempted)."""
+
+    def __init__(self, member: str, code: int) -> None:
+        self.member, self.code = member, code
+        super().__init__(f"training {member} failed with exit code {code}")
+
+
 def run_sweep(argv: Sequence[str]) -> int:
-    """Train the family, then print the scaling tables and write the figures next to the results (train.py)."""
+    """Train the family, then print the scaling tables and write the figures next to the results (train.py).
+    A member stopped by a signal stops the sweep with its exit code (rerun the same command to resume)."""
     from ce_dynamics.analysis import report
 
-    path = run_sweep_rows(argv)
+    try:
+        path = run_sweep_rows(argv)
+    except MemberStopped as stop:
+        if stop.code <= 128:
+            raise
+        return stop.code
     print(f"wrote {path}")
     return report.main([str(path)])

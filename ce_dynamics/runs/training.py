@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ce_dynamics.lightning import sinks
@@ -27,6 +30,7 @@ from ce_dynamics.lightning.csv_logger import DurableCSVLogger
 from ce_dynamics.runs.data import CEDataModule, corpus_id, documents, take_chars, train_bpe_tokenizer
 from ce_dynamics.files import atomic_open, remove_stale_temporaries
 from ce_dynamics.runs.module import CausalLMModule
+from ce_dynamics.runs.preemption import Preempted, PreemptionCallback
 from ce_dynamics.lightning.progress import console_callbacks
 
 log = logging.getLogger(__name__)
@@ -186,7 +190,8 @@ def run_training(cfg: DictConfig) -> int:
                          f"(raise model.vocab_size)")
     callback = CEDecompositionCallback(output_dir=out, dataset_names=list(cfg.data.eval_sets),
                                        bootstrap=cfg.eval.bootstrap)
-    callbacks = [callback, checkpoint_callback(cfg), LearningRateMonitor(logging_interval="step"),
+    callbacks = [callback, checkpoint_callback(cfg), PreemptionCallback(out / "checkpoints" / "last.ckpt"),
+                 LearningRateMonitor(logging_interval="step"),
                  *console_callbacks(cfg.trainer)]  # a progress bar over optimizer steps; no "Total FLOPs: 0"
     ckpt_path = cfg.ckpt_path
     if ckpt_path in ("last", "last_or_new"):  # preflight refused `last` on a folder holding no run at all
@@ -204,6 +209,13 @@ def run_training(cfg: DictConfig) -> int:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             if trainer.global_step not in sinks.saved_steps(out, cfg.data.eval_sets):
                 trainer.validate(module, datamodule=datamodule)  # the final model, whatever val_check_interval
+    except (Preempted, SIGTERMException) as stop:  # SIGTERMException: Lightning's own stop (SLURM auto-requeue)
+        code = stop.exit_code if isinstance(stop, Preempted) else 128 + signal.SIGTERM
+        if trainer.is_global_zero:
+            print(f"{cfg.experiment}: {stop if isinstance(stop, Preempted) else 'stopped by SIGTERM'}; exit code "
+                  f"{code}. Every recorded validation is in the sinks; resume with ckpt_path=last "
+                  f"({out / 'checkpoints' / 'last.ckpt'})", file=sys.stderr)
+        return code
     finally:
         if any(isinstance(lg, WandbLogger) for lg in loggers) and trainer.is_global_zero:
             import wandb
