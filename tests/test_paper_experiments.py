@@ -151,7 +151,7 @@ def test_replay_rows_carry_family_bits_per_byte_and_the_pin_hash(tiny_hub: HubCa
     assert code == 0
     rows = read_results(out / "results.jsonl")
     (pin_file,) = (tmp_path / "cache" / "eval_pins").iterdir()
-    # main points at step4's commit: recorded at that step (docs/guide/crashes-more.md)
+    # main points at step4's commit: recorded at that step (docs/guide/replay.md)
     assert [(r["revision"], r["step"], r["dataset"]) for r in rows] == [("main", 4, "local"), ("main", 4, "prose")]
     assert [r["eval_hash"] for r in rows] == [pinning.read_pin(pin_file).hash, None]
     for row in rows:

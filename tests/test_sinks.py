@@ -16,7 +16,7 @@ import pytest
 from ce_dynamics.files import save_state
 from ce_dynamics.lightning import sinks
 from ce_dynamics.lightning.csv_logger import DurableCSVLogger, read_metrics_csv
-from ce_dynamics.lightning.wandb_history import history_rows, run_files
+from ce_dynamics.wandb_history import history_rows, run_files
 from numpy_reference import decompose
 from test_callback import wandb_history
 
