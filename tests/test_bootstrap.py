@@ -105,7 +105,8 @@ def test_intervals_do_not_depend_on_batching_order_or_a_trip_through_the_saved_s
     expected = intervals(whole.compute())
     assert intervals(pieces.compute()) == expected
     assert intervals(flat.compute()) == expected
-    save_state(tmp_path, "set", 0, {"rank_counts": whole.rank_counts, **whole.bootstrap_state()})
+    save_state(tmp_path, "set", 0, {"rank_counts": whole.rank_counts,
+                                     "rank_log_score_sum": whole.rank_log_score_sum, **whole.bootstrap_state()})
     assert intervals(summary_of_state(load_state(tmp_path / "arrays" / "set" / "step_0.npz"))) == expected
 
 

@@ -14,7 +14,7 @@ checkout).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _MODES = ("train", "replay", "sweep")
@@ -77,8 +77,7 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
         cfg = load_config(argv)
         with run_lock(cfg.output_dir, first_process() and cfg.mode != "prepare") as lock:
             preflight(cfg, argv, prog)
-            lock.mark_holder()
-            code = _dispatch(cfg, argv)
+            code = _dispatch(cfg, argv, started=lock.mark_holder)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
@@ -96,8 +95,9 @@ def run_config(argv: Sequence[str], prog: str = "train.py") -> int:
     return code
 
 
-def _dispatch(cfg: Any, argv: list[str]) -> int:
-    """Run the mode `cfg.mode` names."""
+def _dispatch(cfg: Any, argv: list[str], started: Callable[[], None] = lambda: None) -> int:
+    """Run the mode `cfg.mode` names; `started()` once the last check before any work has passed (a run refused
+    before that leaves nothing in output_dir)."""
     from ce_dynamics.runs.pinning import record_pins, run_prepare
 
     if cfg.mode == "prepare":
@@ -105,9 +105,11 @@ def _dispatch(cfg: Any, argv: list[str]) -> int:
     if cfg.mode == "replay" and (cfg.replay.dry_run or cfg.replay.shard == "merge"):  # reads no eval data
         from ce_dynamics.runs.replay import run_replay
 
+        started()
         return run_replay(cfg, command_line=argv)
     if (code := record_pins(cfg)) is not None:  # a missing eval pin offline fails here, before any model loads
         return code
+    started()
     if cfg.mode == "replay":
         from ce_dynamics.runs.replay import run_replay
 

@@ -30,9 +30,13 @@ class RunLock:
         self.path = self.output_dir / LOCK_NAME
         self._handle: IO[str] | None = None
         self._marked = False
+        self._new_file = False
+        self._created: list[Path] = []
 
     def acquire(self) -> bool:
         """Take the lock; False when the directory cannot be created or written (the config check says why)."""
+        self._created = [d for d in (self.output_dir, *self.output_dir.parents) if not d.exists()]
+        self._new_file = not self.path.exists()
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's lifetime
@@ -68,6 +72,13 @@ class RunLock:
         if self._handle is not None:
             if self._marked:  # an ended run leaves no pid behind (a killed one does; the lock itself is free)
                 self._handle.truncate(0)
+            elif self._new_file:  # refused before it began: leave no trace (no lock file, no new folders)
+                self.path.unlink(missing_ok=True)
+                for folder in self._created:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
             self._handle.close()  # closing the last descriptor drops the flock
             self._handle = None
 
