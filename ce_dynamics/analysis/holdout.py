@@ -10,7 +10,6 @@ bootstrap replicate (``ce_dynamics.analysis.uncertainty``): replicate b of every
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,12 +37,7 @@ class Holdout:
     assembled_gain: Interval  # error(CE direct) - error(CE assembled): > 0 when assembling predicts better
 
     def verdict(self) -> str:
-        gain = self.assembled_gain
-        if math.isnan(gain.lo):
-            return "no replicates"
-        if not gain.excludes_zero:
-            return "within the noise"
-        return "assembled better, outside the noise" if gain.value > 0 else "direct better, outside the noise"
+        return self.assembled_gain.verdict("assembled better", "direct better")
 
 
 def _predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:

@@ -36,6 +36,15 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    def verdict(self, positive: str, negative: str) -> str:
+        """Which side a difference is on, if the interval says so: ``positive`` / ``negative`` + ", outside the
+        noise", else "within the noise" ("no replicates" without an interval)."""
+        if math.isnan(self.lo):
+            return "no replicates"
+        if not self.excludes_zero:
+            return "within the noise"
+        return f"{positive if self.value > 0 else negative}, outside the noise"
+
     def format(self, digits: int = 4, signed: bool = False) -> str:
         sign = "+" if signed else ""
         return f"{self.value:{sign}.{digits}f} [{self.lo:{sign}.{digits}f}, {self.hi:{sign}.{digits}f}]"
@@ -123,12 +132,7 @@ class Comparison:
         return max(self.fits, key=lambda c: self.fits[c].fit.r2)
 
     def verdict(self) -> str:
-        gain = self.r2_gain
-        if math.isnan(gain.lo):
-            return "no replicates"
-        if not gain.excludes_zero:
-            return "within the noise"
-        return "EE better, outside the noise" if gain.value > 0 else "CE better, outside the noise"
+        return self.r2_gain.verdict("EE better", "CE better")
 
 
 def compare(rows: Iterable[Mapping], min_models: int = 3) -> list[Comparison]:
