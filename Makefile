@@ -1,11 +1,9 @@
-# Quick start:  make run  (the tiny experiment, offline, CPU, ~5 min)   |   make test  (the suite, ~6 min on 2 idle cores)
+# Quick start:  make run  (the tiny experiment, offline, CPU, ~5 min)   |   make test  (the suite, ~11 min on 2 idle cores)
 # Both create .venv and install the package on first use. Extra arguments: make run ARGS="trainer.max_steps=50"
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-# Tells train.py it was started by `make run`, so the hints it prints use the make form (make run ARGS="...").
-export CE_DYNAMICS_LAUNCHER := make
 
 .PHONY: run test test-fast docs bench install install-dev clean
 
@@ -27,12 +25,14 @@ $(BIN)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@ $(BIN)/.installed-all
 
+# Tells train.py it was started by `make run`, so the hints it prints use the make form (make run ARGS="...").
+run: export CE_DYNAMICS_LAUNCHER := make
 run: install
 	$(BIN)/python train.py $(ARGS)
 
-# The whole suite: about 6 minutes on an idle 2-core machine (slow tests included).
+# The whole suite: about 11 minutes on an idle 2-core machine (slow tests included).
 test: install-dev
-	@echo "make test: the whole suite, about 6 minutes on an idle 2-core machine (make test-fast: under 3)"
+	@echo "make test: the whole suite, about 11 minutes on an idle 2-core machine (make test-fast: about 2)"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The suite without the tests marked slow (end-to-end runs): under 3 minutes on an idle 2-core machine.
