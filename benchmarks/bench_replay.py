@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         from hub_cache import build_hub_cache
 
         from ce_dynamics.runs.config import load_config
-        from ce_dynamics.runs.replay import Checkpoint, _ModelWalk
+        from ce_dynamics.runs.checkpoints import Checkpoint
+        from ce_dynamics.runs.replay import _ModelWalk
         from ce_dynamics.runs.training import build_module, build_tokenizer, build_trainer
 
         hidden, layers, heads = SHAPES[shape]
@@ -183,7 +184,7 @@ def throughput(gpu_tflops: float) -> int:
 
         from ce_dynamics.runs.config import load_config
         from ce_dynamics.runs.plan import Hardware, format_plan, make_plan, this_machine
-        from ce_dynamics.runs.replay import plan
+        from ce_dynamics.runs.checkpoints import plan
 
         cfg = load_config(["experiment=scaling_paper", "replay.dtype=bfloat16", f"output_dir={tmp}/plan"])
         walk = plan(cfg)

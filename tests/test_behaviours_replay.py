@@ -15,7 +15,8 @@ from numpy_reference import decompose
 
 from ce_dynamics.runs.config import load_config
 from ce_dynamics.functional import KEYS
-from ce_dynamics.runs.replay import plan, read_results
+from ce_dynamics.runs.checkpoints import plan
+from ce_dynamics.runs.replay import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")

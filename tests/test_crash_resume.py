@@ -56,7 +56,8 @@ def test_training_killed_five_times_records_every_validation_once(uninterrupted,
 
 
 def test_replay_killed_mid_walk_records_every_checkpoint_once(tiny_hub: HubCache, tmp_path):
-    from ce_dynamics.runs.replay import model_slug, read_results
+    from ce_dynamics.runs.checkpoints import model_slug
+    from ce_dynamics.runs.replay import read_results
 
     def walk(out: Path) -> subprocess.Popen:
         return launch(["mode=replay", f"output_dir={out}", f"data.cache_dir={tmp_path / 'tok'}",

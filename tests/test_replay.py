@@ -19,7 +19,8 @@ import torch
 from hub_cache import HubCache, offline_hub, tiny_hub  # noqa: F401 - tiny_hub is a fixture
 
 from ce_dynamics.functional import KEYS, decomposition_from_state
-from ce_dynamics.runs.replay import RESULT_FIELDS, append_result_row, append_result_rows, model_slug, read_results
+from ce_dynamics.runs.checkpoints import model_slug
+from ce_dynamics.runs.replay import RESULT_FIELDS, append_result_row, append_result_rows, read_results
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train", REPO / "train.py")

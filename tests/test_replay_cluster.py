@@ -181,7 +181,7 @@ def test_the_plan_runs_offline_without_weights_and_counts_what_is_left(tiny_hub:
     from transformers import AutoModelForCausalLM
 
     from ce_dynamics.runs.plan import Hardware, make_plan
-    from ce_dynamics.runs.replay import plan
+    from ce_dynamics.runs.checkpoints import plan
 
     with offline_hub(tiny_hub.root):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_hub.hub_id, revision="step2")
@@ -214,7 +214,7 @@ def test_the_plan_picks_ddp_device_map_or_offload_by_memory(monkeypatch: pytest.
     """The sizes of two hub models (no network here) are given; the rule picks by memory per device."""
     from ce_dynamics.runs import plan as plan_module
     from ce_dynamics.runs.plan import Hardware, params_from_name
-    from ce_dynamics.runs.replay import plan
+    from ce_dynamics.runs.checkpoints import plan
 
     assert params_from_name("EleutherAI/pythia-1.4b") == pytest.approx(1.4e9)
     assert params_from_name("meta-llama/Llama-3.2-1B") == pytest.approx(1e9)

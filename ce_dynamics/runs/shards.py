@@ -90,7 +90,7 @@ def merge_shards(output_dir: str | os.PathLike, walk: Sequence[tuple[str, str]],
                  rerun: str = "ce-dynamics replay ... replay.shard={i}/{n}") -> Path:
     """Merge `output_dir/shards/*` into `output_dir/results.jsonl` (see the module docstring); its path.
 
-    `walk`: the (model, revision) list of one walk, in order, as `replay.plan` gives it; `rerun`: the command a
+    `walk`: the (model, revision) list of one walk, in order, as `checkpoints.plan` gives it; `rerun`: the command a
     message suggests for a missing or incomplete shard (`{i}`, `{n}` filled in). Raises MergeError.
     """
     from ce_dynamics.files import atomic_open, read_results  # imports torch: not when the config is checked
