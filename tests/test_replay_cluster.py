@@ -4,7 +4,6 @@ CPU and disk (`replay.weights=device_map`) against the whole model; the plan (`r
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -22,13 +21,7 @@ from ce_dynamics.functional import KEYS
 from ce_dynamics.runs.config import ConfigError, load_config
 from ce_dynamics.runs.shards import MergeError, Shard, merge_shards
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
-
-SMALL = ["data.seq_len=32", "data.eval_sequences=4", "data.batch_size=4", "trainer.accelerator=cpu",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger.wandb.mode=disabled"]
+from test_behaviours_replay import REPO, SMALL, train  # train.py loaded as a module, the small replay overrides
 SLUG = "ce-dynamics-test--tiny-neox"
 
 
